@@ -1,0 +1,196 @@
+"""Compose the Hydra configuration from a Flower run config and validate it in one place.
+
+Both apps call :func:`load_config` with the same run config, so client and server always see
+the same resolved configuration. Every check that can be made before data is read lives in
+:func:`validate`; checks that need the client's data (delta against 1/n, columns, partition
+count) live in :func:`validate_against_data` and run before any training.
+"""
+
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+from typing import Any, Mapping
+
+from hydra import compose, initialize_config_dir
+from hydra.errors import HydraException
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+PACKAGED_MODELS = ("minilm", "smollm2")
+
+
+class ConfigError(ValueError):
+    """A configuration problem, with the key at fault and how to fix it."""
+
+
+def compose_config(overrides: list[str]) -> DictConfig:
+    """Compose conf/config.yaml with Hydra overrides (the compose API, never @hydra.main)."""
+    try:
+        # `with` makes this re-entrant: a reused Ray actor composes again without
+        # "GlobalHydra is already initialized".
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+            cfg = compose(config_name="config", overrides=overrides)
+    except (HydraException, OmegaConfBaseException) as err:
+        raise ConfigError(
+            f"invalid override in {overrides}: {err}. Overrides look like "
+            "'privacy.epsilon=1 lora.r=16' or 'privacy=none'; groups are listed in conf/."
+        ) from err
+    return cfg
+
+
+def load_config(run_config: Mapping[str, Any]) -> DictConfig:
+    """Build the validated configuration from Flower's run config (`overrides`, `output-dir`)."""
+    overrides = shlex.split(str(run_config.get("overrides", "") or ""))
+    cfg = compose_config(overrides)
+    cfg.output_dir = str(run_config.get("output-dir", "") or "") or None
+    validate(cfg)
+    return cfg
+
+
+def _require(ok: bool, key: str, problem: str, fix: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {problem}. Fix: {fix}")
+
+
+def _choice(cfg: DictConfig, key: str, allowed: tuple[str, ...]) -> None:
+    value = OmegaConf.select(cfg, key)
+    _require(
+        value in allowed,
+        key,
+        f"unknown value {value!r}",
+        f"use one of {', '.join(map(str, allowed))}",
+    )
+
+
+def validate(cfg: DictConfig) -> None:
+    """Check every key that does not need the data; raise ConfigError naming key and fix."""
+    _choice(cfg, "model.task", ("classification", "causal-lm"))
+    _require(
+        str(cfg.model.quantization) in ("none", "4", "8"),
+        "model.quantization",
+        f"unknown value {cfg.model.quantization!r}",
+        "use none, 8 or 4",
+    )
+    _require(
+        cfg.model.keep_layers is None or int(cfg.model.keep_layers) >= 1,
+        "model.keep_layers",
+        "must be at least 1",
+        "set a positive layer count or null",
+    )
+    _choice(cfg, "lora.mode", ("vanilla", "ffa"))
+    _require(int(cfg.lora.r) >= 1, "lora.r", f"rank {cfg.lora.r} < 1", "use a rank of 1 or more")
+    _require(float(cfg.lora.alpha) > 0, "lora.alpha", "must be > 0", "e.g. lora.alpha=16")
+    _require(
+        0.0 <= float(cfg.lora.dropout) < 1.0, "lora.dropout", "must be in [0, 1)", "e.g. 0.05"
+    )
+    _require(
+        len(cfg.lora.target_modules) > 0,
+        "lora.target_modules",
+        "is empty",
+        "name the modules to adapt, e.g. [query,value]",
+    )
+    _choice(cfg, "data.source", ("credit", "file", "hub"))
+    if cfg.data.source == "hub":
+        _require(cfg.data.name is not None, "data.name", "is missing", "set data.name=<hub id>")
+    _require(
+        0.0 < float(cfg.data.test_fraction) < 1.0,
+        "data.test_fraction",
+        "must be in (0, 1)",
+        "e.g. data.test_fraction=0.2",
+    )
+    _choice(cfg, "data.partitioner", ("iid", "dirichlet", "column"))
+    if cfg.data.partitioner == "dirichlet":
+        _require(
+            float(cfg.data.dirichlet_alpha) > 0,
+            "data.dirichlet_alpha",
+            "must be > 0",
+            "e.g. 0.5 (smaller is more skewed)",
+        )
+        _require(
+            cfg.model.task == "classification",
+            "data.partitioner",
+            "dirichlet label skew needs labels",
+            "use iid or column for causal-lm",
+        )
+    if cfg.data.partitioner == "column":
+        _require(
+            cfg.data.partition_column is not None,
+            "data.partition_column",
+            "is missing for partitioner=column",
+            "name the column that identifies institutions",
+        )
+    p = cfg.privacy
+    _choice(cfg, "privacy.accountant", ("rdp", "prv"))
+    if p.enabled:
+        _require(
+            p.epsilon is not None or p.noise_multiplier is not None,
+            "privacy.epsilon",
+            "neither a budget nor a noise multiplier is set",
+            "set privacy.epsilon=8 (or privacy.noise_multiplier and a budget)",
+        )
+        if p.epsilon is not None:
+            _require(
+                float(p.epsilon) > 0,
+                "privacy.epsilon",
+                f"{p.epsilon} <= 0",
+                "use a positive budget, e.g. privacy.epsilon=8",
+            )
+        if p.noise_multiplier is not None:
+            _require(
+                float(p.noise_multiplier) > 0,
+                "privacy.noise_multiplier",
+                "must be > 0",
+                "set a positive value or null to calibrate from privacy.epsilon",
+            )
+        if p.delta is not None:
+            _require(
+                0.0 < float(p.delta) < 1.0,
+                "privacy.delta",
+                f"{p.delta} is not in (0, 1)",
+                "use null (1/(10 n)) or a value below 1/n",
+            )
+        _require(float(p.clip_norm) > 0, "privacy.clip_norm", "must be > 0", "e.g. 1.0")
+    _require(int(cfg.rounds) >= 1, "rounds", "must be at least 1", "e.g. rounds=4")
+    _require(float(cfg.train.epochs) > 0, "train.epochs", "must be > 0", "e.g. 1")
+    _require(int(cfg.train.batch_size) >= 1, "train.batch_size", "must be >= 1", "e.g. 64")
+    _require(float(cfg.train.lr) > 0, "train.lr", "must be > 0", "e.g. 0.003")
+    _choice(cfg, "train.optimizer", ("adam", "sgd"))
+    _choice(cfg, "train.device", ("auto", "cpu", "cuda"))
+    _require(int(cfg.train.max_length) >= 8, "train.max_length", "must be >= 8", "e.g. 64")
+    _require(int(cfg.eval.batch_size) >= 1, "eval.batch_size", "must be >= 1", "e.g. 256")
+    _choice(cfg, "strategy.name", ("fedavg",))
+    _require(
+        0.0 < float(cfg.strategy.fraction_train) <= 1.0,
+        "strategy.fraction_train",
+        "must be in (0, 1]",
+        "e.g. 1.0",
+    )
+    if cfg.output_dir is not None:
+        _require(
+            Path(cfg.output_dir).is_absolute(),
+            "output-dir",
+            f"{cfg.output_dir!r} is not an absolute path",
+            "pass an absolute path: -c 'output-dir=\"/abs/path\"'",
+        )
+
+
+def resolve_delta(cfg: DictConfig, num_records: int) -> float:
+    """The client's delta: the configured one, or 1/(10 n); must be below 1/n."""
+    if cfg.privacy.delta is None:
+        return 1.0 / (10.0 * num_records)
+    delta = float(cfg.privacy.delta)
+    _require(
+        delta < 1.0 / num_records,
+        "privacy.delta",
+        f"{delta} >= 1/n = {1.0 / num_records:.3g} for a client with {num_records} records, "
+        "which permits releasing a whole record",
+        f"use a delta below {1.0 / num_records:.3g}, or null for 1/(10 n)",
+    )
+    return delta
+
+
+def to_plain(cfg: DictConfig) -> dict[str, Any]:
+    """The fully resolved configuration as plain Python (for summary.json)."""
+    return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]

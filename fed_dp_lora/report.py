@@ -1,0 +1,109 @@
+"""Run outputs: per-round records, the progress line, and summary.json."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+from fed_dp_lora.privacy.accountant import ACCOUNTANT_NAMES
+
+PRIVACY_UNIT = "record: one row (one sequence) of one client's data; epsilon is per client"
+
+
+def _finite(value: float) -> float | str:
+    return value if math.isfinite(value) else "inf"
+
+
+class RunReport:
+    """Collects what the server sees each round and writes summary.json after every round."""
+
+    def __init__(self, out_dir: Path, config: dict[str, Any], task: str) -> None:
+        self.out_dir = out_dir
+        self.config = config
+        self.task = task
+        self.rounds: list[dict[str, Any]] = []
+        self.clients: dict[str, dict[str, float]] = {}  # latest privacy figures per client
+        self.majority_baseline: dict[str, float] | None = None
+        self.started = time.time()
+        out_dir.mkdir(parents=True, exist_ok=True)
+
+    def record_train(
+        self,
+        server_round: int,
+        clients: dict[str, dict[str, float]],
+        failures: dict[str, str],
+        bytes_up: int,
+        bytes_down: int,
+    ) -> None:
+        """Metrics of the clients that trained, and why the others did not count."""
+        for name, metrics in clients.items():
+            self.clients.setdefault(name, {}).update(metrics)
+        self.rounds.append(
+            {
+                "round": server_round,
+                "clients": clients,
+                "failures": failures,
+                "bytes": {"up": bytes_up, "down": bytes_down},
+                "epsilon": {n: _finite(m["epsilon"]) for n, m in clients.items() if "epsilon" in m},
+            }
+        )
+
+    def record_eval(self, server_round: int, metrics: dict[str, float]) -> None:
+        entry = next((r for r in self.rounds if r["round"] == server_round), None)
+        if entry is None:
+            return  # round 0: the initial adapter, before any training
+        entry["metrics"] = metrics
+        entry["seconds"] = round(time.time() - self.started, 1)
+
+    def progress_line(self, server_round: int, total_rounds: int) -> str:
+        """One line a person reads: round, metrics, worst client epsilon, bytes, time."""
+        entry = next(r for r in self.rounds if r["round"] == server_round)
+        shown = ("balanced_accuracy", "accuracy", "macro_f1", "auc", "loss", "perplexity")
+        metrics = " ".join(f"{k}={entry['metrics'][k]:.4f}" for k in shown if k in entry.get("metrics", {}))
+        eps = [m["epsilon"] for m in self.clients.values() if "epsilon" in m]
+        eps_text = f"max client epsilon={max(eps):.3f}" if eps else "privacy off"
+        failed = f" failed={len(entry['failures'])}" if entry["failures"] else ""
+        return (
+            f"[round {server_round}/{total_rounds}] {metrics} | {eps_text} | clients={len(entry['clients'])}"
+            f"{failed} | up={entry['bytes']['up'] / 1e6:.2f}MB down={entry['bytes']['down'] / 1e6:.2f}MB"
+            f" | {entry.get('seconds', 0):.0f}s"
+        )
+
+    def summary(self) -> dict[str, Any]:
+        privacy = self.config["privacy"]
+        per_client = lambda key: {n: m[key] for n, m in sorted(self.clients.items()) if key in m}  # noqa: E731
+        final = dict(next((r["metrics"] for r in reversed(self.rounds) if "metrics" in r), {}))
+        if self.majority_baseline is not None:
+            final["majority_baseline"] = self.majority_baseline
+        return {
+            "config": self.config,
+            "rounds": self.rounds,
+            "final": final,
+            "privacy": {
+                "enabled": bool(privacy["enabled"]),
+                "unit": PRIVACY_UNIT,
+                "accountant": ACCOUNTANT_NAMES[privacy["accountant"]],
+                "budget": privacy["epsilon"],
+                "delta": per_client("delta"),
+                "epsilon": {n: _finite(e) for n, e in per_client("epsilon").items()},
+                "noise_multiplier": per_client("noise-multiplier"),
+                "sample_rate": per_client("sample-rate"),
+                "steps": per_client("steps-total"),
+                "clip_norm": privacy["clip_norm"],
+            },
+            "communication": {
+                "up": sum(r["bytes"]["up"] for r in self.rounds),
+                "down": sum(r["bytes"]["down"] for r in self.rounds),
+                "per_round": [{"round": r["round"], **r["bytes"]} for r in self.rounds],
+            },
+        }
+
+    def write(self) -> Path:
+        path = self.out_dir / "summary.json"
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(self.summary(), indent=2))
+        tmp.replace(path)
+        return path

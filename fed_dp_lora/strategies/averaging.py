@@ -1,0 +1,107 @@
+"""FedAvg over LoRA adapters, weighted by each client's record count.
+
+Adds to Flower's FedAvg what a DP-LoRA run needs: every update is checked before
+aggregation (a malformed one is rejected and logged, and the round goes on), refusals
+(budget exhausted, bad data) are recorded with their reason, per-client privacy figures
+and bytes on the wire are reported each round.
+"""
+
+from __future__ import annotations
+
+from logging import INFO, WARNING
+from typing import Iterable
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.common.logger import log
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+from omegaconf import DictConfig
+
+from fed_dp_lora.report import RunReport
+from fed_dp_lora.wire import payload_bytes, update_problem
+
+
+def client_name(reply: Message) -> str:
+    """client-<partition-id> in simulation, node-<id> in deployment."""
+    metrics = reply.content.metric_records.get("metrics") if reply.has_content() else None
+    if metrics is not None and "partition-id" in metrics:
+        return f"client-{int(metrics['partition-id'])}"
+    return f"node-{reply.metadata.src_node_id}"
+
+
+def _last_line(reason: str | None) -> str:
+    """The message of an error reply, without a simulation backend's traceback."""
+    lines = [ln.strip() for ln in (reason or "").splitlines() if ln.strip()]
+    return lines[-1] if lines else "no reason given"
+
+
+def _train_metrics(records: list[RecordDict], weighted_by_key: str) -> MetricRecord:
+    """Weighted mean train loss and the largest client epsilon (a mean epsilon means nothing)."""
+    metrics = [r.metric_records["metrics"] for r in records]
+    total = sum(float(m[weighted_by_key]) for m in metrics)
+    out = {"train-loss": sum(float(m["train-loss"]) * float(m[weighted_by_key]) for m in metrics) / total}
+    eps = [float(m["epsilon"]) for m in metrics if "epsilon" in m]
+    if eps:
+        out["epsilon-max"] = max(eps)
+    return MetricRecord(out)
+
+
+class AdapterFedAvg(FedAvg):
+    """FedAvg on adapters with update checks and per-client reporting."""
+
+    def __init__(self, report: RunReport, **kwargs) -> None:
+        super().__init__(fraction_evaluate=0.0, train_metrics_aggr_fn=_train_metrics, **kwargs)
+        self.report = report
+        self._sent: tuple[ArrayRecord, int] | None = None
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        messages = list(super().configure_train(server_round, arrays, config, grid))
+        self._sent = (arrays, len(messages))
+        return messages
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = list(replies)
+        reference, sent_to = self._sent if self._sent else (None, 0)
+        accepted: list[Message] = []
+        failures: dict[str, str] = {}
+        clients: dict[str, dict[str, float]] = {}
+        bytes_up = 0
+        for reply in replies:
+            name = client_name(reply)
+            if reply.has_error():
+                reason = _last_line(reply.error.reason)
+                failures[name] = f"error (code {reply.error.code}): {reason}"
+                log(WARNING, "Round %d: %s did not train: %s", server_round, name, reason)
+                continue
+            arrays = reply.content.array_records.get("arrays")
+            metrics = reply.content.metric_records.get("metrics")
+            problem = "reply without arrays or metrics" if arrays is None or metrics is None else None
+            if problem is None and reference is not None:
+                problem = update_problem(arrays, reference)
+            if problem is not None:
+                failures[name] = f"rejected: {problem}"
+                log(WARNING, "Round %d: rejected update from %s (node %d): %s",
+                    server_round, name, reply.metadata.src_node_id, problem)
+                continue
+            bytes_up += payload_bytes(arrays)
+            clients[name] = {k: float(v) for k, v in metrics.items()}
+            accepted.append(reply)
+        bytes_down = payload_bytes(reference) * sent_to if reference is not None else 0
+        self.report.record_train(server_round, clients, failures, bytes_up, bytes_down)
+        log(INFO, "Round %d: %d updates accepted, %d failed", server_round, len(accepted), len(failures))
+        return super().aggregate_train(server_round, accepted)
+
+
+def build_strategy(cfg: DictConfig, report: RunReport) -> AdapterFedAvg:
+    s = cfg.strategy
+    return AdapterFedAvg(
+        report,
+        fraction_train=float(s.fraction_train),
+        min_train_nodes=int(s.min_train_clients),
+        min_available_nodes=int(s.min_available_clients),
+    )
+

@@ -1,0 +1,204 @@
+"""Local training and evaluation: tokenization, Poisson batches, per-sample losses.
+
+The privacy unit is one record (one sequence): losses are computed per record from the
+logits, never from the model's batch-mean ``.loss`` (which divides every per-sample gradient
+by the number of tokens in the batch, so clipping never bites).
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig
+from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score, roc_auc_score
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from fed_dp_lora.privacy.engine import GradientEngine
+
+IGNORE = -100
+
+
+@dataclass
+class Encoded:
+    """A tokenized dataset: padded tensors, one row per record."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    labels: torch.Tensor  # class index per record, or token labels (IGNORE outside the response)
+
+    def __len__(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    def batch(self, index: torch.Tensor, device: torch.device) -> dict[str, torch.Tensor]:
+        """Rows `index`, trimmed to the longest sequence among them."""
+        mask = self.attention_mask[index]
+        width = max(int(mask.sum(dim=1).max()), 1)
+        return {
+            "input_ids": self.input_ids[index, :width].to(device),
+            "attention_mask": mask[:, :width].to(device),
+            "labels": (self.labels[index] if self.labels.dim() == 1 else self.labels[index, :width]).to(device),
+        }
+
+
+def encode(table: pd.DataFrame, tokenizer: PreTrainedTokenizerBase, cfg: DictConfig) -> Encoded:
+    """Tokenize once per dataset (callers cache the result across rounds)."""
+    max_length = int(cfg.train.max_length)
+    if cfg.model.task == "classification":
+        enc = tokenizer(
+            list(table["text"]), truncation=True, max_length=max_length,
+            padding="max_length", return_tensors="pt",
+        )
+        labels = torch.tensor(table["label"].to_numpy(), dtype=torch.long)
+        return Encoded(enc["input_ids"], enc["attention_mask"], labels)
+    rows = [_prompt_response_ids(p, r, tokenizer) for p, r in zip(table["prompt"], table["response"])]
+    ids = torch.full((len(rows), max_length), tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), max_length), dtype=torch.long)
+    labels = torch.full((len(rows), max_length), IGNORE, dtype=torch.long)
+    for i, (prompt_ids, response_ids) in enumerate(rows):
+        # Keep the response: cut the prompt from the left when the pair is too long.
+        response_ids = response_ids[: max_length - 1]
+        prompt_ids = prompt_ids[-(max_length - len(response_ids)):]
+        seq = prompt_ids + response_ids
+        ids[i, : len(seq)] = torch.tensor(seq)
+        mask[i, : len(seq)] = 1
+        labels[i, len(prompt_ids): len(seq)] = torch.tensor(response_ids)
+    return Encoded(ids, mask, labels)
+
+
+def _prompt_response_ids(
+    prompt: str, response: str, tokenizer: PreTrainedTokenizerBase
+) -> tuple[list[int], list[int]]:
+    """Instruction format: the chat template when the tokenizer has one."""
+    if tokenizer.chat_template:
+        prompt_ids = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True,
+            return_dict=False,
+        )
+    else:
+        prompt_ids = tokenizer(prompt + "\n", add_special_tokens=False)["input_ids"]
+    response_ids = tokenizer(str(response), add_special_tokens=False)["input_ids"]
+    return list(prompt_ids), list(response_ids) + [tokenizer.eos_token_id]
+
+
+def per_sample_losses(
+    model: nn.Module, batch: dict[str, torch.Tensor], class_weights: torch.Tensor | None
+) -> torch.Tensor:
+    """One loss per record, from the logits (shape: batch)."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    labels = batch["labels"]
+    if labels.dim() == 1:
+        return F.cross_entropy(logits.float(), labels, weight=class_weights, reduction="none")
+    shift_logits, shift_labels = logits[:, :-1].float(), labels[:, 1:]
+    token_loss = F.cross_entropy(
+        shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1),
+        ignore_index=IGNORE, reduction="none",
+    ).view(shift_labels.shape)
+    counts = (shift_labels != IGNORE).sum(dim=1).clamp(min=1)
+    return token_loss.sum(dim=1) / counts  # mean over the record's own response tokens
+
+
+def plan_steps(num_records: int, batch_size: int, epochs: float) -> tuple[float, int]:
+    """Poisson sample rate q = B/n and the number of local steps per round (epochs / q)."""
+    rate = min(1.0, batch_size / num_records)
+    return rate, max(1, round(epochs / rate))
+
+
+@dataclass
+class TrainStats:
+    steps: int
+    examples: int  # records processed (sum of Poisson batch sizes)
+    empty_batches: int
+    mean_loss: float
+
+
+def make_optimizer(params: list[nn.Parameter], cfg: DictConfig) -> torch.optim.Optimizer:
+    if cfg.train.optimizer == "adam":
+        return torch.optim.Adam(params, lr=float(cfg.train.lr))
+    return torch.optim.SGD(params, lr=float(cfg.train.lr), momentum=0.9)
+
+
+def train_local(
+    engine: GradientEngine,
+    data: Encoded,
+    cfg: DictConfig,
+    sample_rate: float,
+    steps: int,
+    class_weights: torch.Tensor | None,
+    generator: torch.Generator | None = None,
+) -> TrainStats:
+    """`steps` steps on Poisson batches (each record in each batch with probability q)."""
+    model = engine.module
+    device = engine.params[0].device
+    if generator is None:
+        generator = torch.Generator().manual_seed(secrets.randbits(63))
+    optimizer = make_optimizer(engine.params, cfg)
+    model.train()
+    examples = empty = 0
+    loss_sum = 0.0
+    for _ in range(steps):
+        index = (torch.rand(len(data), generator=generator) < sample_rate).nonzero().squeeze(1)
+        optimizer.zero_grad(set_to_none=True)
+        if len(index) > 0:
+            losses = per_sample_losses(model, data.batch(index, device), class_weights)
+            engine.backward(losses)
+            loss_sum += float(losses.detach().sum())
+        else:
+            empty += 1  # HF models crash on an empty batch; the engine takes a noise-only step
+        if engine.finalize(len(index)):
+            optimizer.step()
+        examples += len(index)
+    return TrainStats(steps, examples, empty, loss_sum / max(examples, 1))
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data: Encoded, batch_size: int) -> dict[str, float]:
+    """Classification: accuracy, balanced accuracy, macro-F1, AUC; causal LM: loss, perplexity."""
+    model.eval()
+    device = next(p for p in model.parameters()).device
+    classification = data.labels.dim() == 1
+    outputs, total_loss, total_tokens = [], 0.0, 0
+    for start in range(0, len(data), batch_size):
+        index = torch.arange(start, min(start + batch_size, len(data)))
+        batch = data.batch(index, device)
+        if classification:
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            outputs.append(torch.softmax(logits.float(), dim=-1).cpu())
+        else:
+            losses = per_sample_losses(model, batch, None)
+            tokens = (batch["labels"][:, 1:] != IGNORE).sum(dim=1)
+            total_loss += float((losses * tokens).sum())
+            total_tokens += int(tokens.sum())
+    if not classification:
+        loss = total_loss / max(total_tokens, 1)
+        return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
+    probs = torch.cat(outputs).numpy()
+    return classification_metrics(data.labels.numpy(), probs)
+
+
+def classification_metrics(labels: np.ndarray, probs: np.ndarray) -> dict[str, float]:
+    pred = probs.argmax(axis=1)
+    metrics = {
+        "accuracy": float(accuracy_score(labels, pred)),
+        "balanced_accuracy": float(balanced_accuracy_score(labels, pred)),
+        "macro_f1": float(f1_score(labels, pred, average="macro", zero_division=0)),
+    }
+    if probs.shape[1] == 2 and len(np.unique(labels)) == 2:
+        metrics["auc"] = float(roc_auc_score(labels, probs[:, 1]))
+    return metrics
+
+
+def majority_baseline(train_labels: np.ndarray, test_labels: np.ndarray, num_classes: int) -> dict[str, float]:
+    """Metrics of always predicting the training set's majority class."""
+    majority = np.bincount(train_labels, minlength=num_classes).argmax()
+    probs = np.zeros((len(test_labels), num_classes))
+    probs[:, majority] = 1.0
+    metrics = classification_metrics(test_labels, probs)
+    metrics.pop("auc", None)
+    return metrics
