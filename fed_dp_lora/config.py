@@ -64,8 +64,36 @@ def _choice(cfg: DictConfig, key: str, allowed: tuple[str, ...]) -> None:
     )
 
 
+# Numeric keys (None: may be null). Checked first, so `lora.r=abc` is a ConfigError naming the
+# key instead of a bare ValueError from int(), and `lora.r=2.5` is not silently truncated.
+_INTEGERS = {"seed": False, "rounds": False, "model.keep_layers": True, "lora.r": False,
+             "lora.init_seed": False, "train.batch_size": False, "train.max_length": False,
+             "eval.batch_size": False}
+_FLOATS = {"lora.alpha": False, "lora.dropout": False, "data.test_fraction": False,
+           "data.dirichlet_alpha": False, "privacy.epsilon": True, "privacy.delta": True,
+           "privacy.noise_multiplier": True, "privacy.clip_norm": False, "train.epochs": False,
+           "train.lr": False, "strategy.fraction_train": False}
+
+
+def _check_numbers(cfg: DictConfig) -> None:
+    for kinds, integer in ((_INTEGERS, True), (_FLOATS, False)):
+        for key, nullable in kinds.items():
+            value = OmegaConf.select(cfg, key)
+            if value is None and nullable:
+                continue
+            number = isinstance(value, (int, float)) and not isinstance(value, bool)
+            _require(
+                number and (not integer or float(value).is_integer()),
+                key,
+                f"{value!r} is not {'an integer' if integer else 'a number'}",
+                f"set {key} to {'a whole number' if integer else 'a number'}"
+                + (" or null" if nullable else ""),
+            )
+
+
 def validate(cfg: DictConfig) -> None:
     """Check every key that does not need the data; raise ConfigError naming key and fix."""
+    _check_numbers(cfg)
     _choice(cfg, "model.task", ("classification", "causal-lm"))
     _require(
         str(cfg.model.quantization) in ("none", "4", "8"),
@@ -85,11 +113,12 @@ def validate(cfg: DictConfig) -> None:
     _require(
         0.0 <= float(cfg.lora.dropout) < 1.0, "lora.dropout", "must be in [0, 1)", "e.g. 0.05"
     )
+    targets = cfg.lora.target_modules if cfg.lora.target_modules is not None else cfg.model.lora_targets
     _require(
-        len(cfg.lora.target_modules) > 0,
+        targets is not None and len(targets) > 0,
         "lora.target_modules",
         "is empty",
-        "name the modules to adapt, e.g. [query,value]",
+        "name the modules to adapt, e.g. [query,value] (BERT) or [q_proj,v_proj] (Llama)",
     )
     _choice(cfg, "data.source", ("credit", "file", "hub"))
     if cfg.data.source == "hub":

@@ -117,13 +117,14 @@ def train_round(
                 f"{ledger.delta:g} / {ledger.accountant}, the run now asks for {delta:g} / "
                 f"{cfg.privacy.accountant}. Fix: keep privacy settings fixed within a run"
             )
-        sigma = (
-            float(cfg.privacy.noise_multiplier)
-            if cfg.privacy.noise_multiplier is not None
-            else calibrate_noise(
+        if cfg.privacy.noise_multiplier is not None:
+            sigma = float(cfg.privacy.noise_multiplier)
+        elif ledger.history:
+            sigma = ledger.history[-1][0]  # calibrated in this client's first round for the whole run
+        else:
+            sigma = calibrate_noise(
                 float(cfg.privacy.epsilon), delta, rate, steps * int(cfg.rounds), str(cfg.privacy.accountant)
             )
-        )
         budget = None if cfg.privacy.epsilon is None else float(cfg.privacy.epsilon)
         ledger.check_budget((sigma, rate, steps), budget)
         engine: GradientEngine = PrivateGradientEngine(

@@ -161,8 +161,16 @@ def lora_config(cfg: DictConfig) -> LoraConfig:
         r=int(cfg.lora.r),
         lora_alpha=float(cfg.lora.alpha),
         lora_dropout=float(cfg.lora.dropout),
-        target_modules=list(cfg.lora.target_modules),
+        target_modules=_targets(cfg),
     )
+
+
+def _targets(cfg: DictConfig) -> list[str] | str:
+    """A list of module names, or one string that PEFT full-matches as a regex."""
+    targets = cfg.lora.target_modules
+    if targets is None:
+        targets = cfg.model.lora_targets
+    return targets if isinstance(targets, str) else list(targets)
 
 
 def add_lora(model: PreTrainedModel, cfg: DictConfig) -> PeftModel:
@@ -176,7 +184,7 @@ def add_lora(model: PreTrainedModel, cfg: DictConfig) -> PeftModel:
         peft_model = get_peft_model(model, lora_config(cfg))
     except ValueError as err:
         raise ConfigError(
-            f"lora.target_modules: {list(cfg.lora.target_modules)} do not match this model "
+            f"lora.target_modules: {_targets(cfg)} do not match this model "
             f"({err}). Fix: name Linear modules of the model, e.g. [query,value] for BERT or "
             "[q_proj,v_proj] for Llama"
         ) from err
@@ -206,8 +214,9 @@ def load_trainable_state(model: nn.Module, state: dict[str, torch.Tensor]) -> No
     if set(params) != set(state):
         missing, extra = sorted(set(params) - set(state)), sorted(set(state) - set(params))
         raise ValueError(f"trainable tensors differ: missing {missing[:3]}, unexpected {extra[:3]}")
+    for name, param in params.items():  # check everything first: never leave a half-loaded model
+        if param.shape != state[name].shape:
+            raise ValueError(f"{name}: shape {tuple(state[name].shape)} != {tuple(param.shape)}")
     with torch.no_grad():
         for name, param in params.items():
-            if param.shape != state[name].shape:
-                raise ValueError(f"{name}: shape {tuple(state[name].shape)} != {tuple(param.shape)}")
             param.copy_(state[name].to(param.device, param.dtype))

@@ -63,13 +63,15 @@ def client_partition(
                 f"data.partition_column: column {column!r} is not in the data "
                 f"({list(train.columns)}). Fix: name an existing column"
             )
+        # Missing ids form one "unknown" institution (as in the credit table): left as NaN,
+        # nunique() skipped them and the partitioner crashed sorting None among strings.
+        train = train.assign(**{column: train[column].astype(object).fillna("unknown").astype(str)})
         groups = train[column].nunique()
         if groups != num_partitions:
             raise ConfigError(
                 f"data.partition_column: {column!r} has {groups} values but the federation has "
                 f"{num_partitions} clients. Fix: run with num-supernodes={groups}"
             )
-        train = train.assign(**{column: train[column].astype(str)})
     partitioner = _partitioner(cfg, num_partitions)
     partitioner.dataset = Dataset.from_pandas(train, preserve_index=False)
     part = partitioner.load_partition(partition_id).to_pandas()

@@ -74,6 +74,8 @@ def read_file(path: str | Path) -> pd.DataFrame:
         raise DataError(f"data file {path} does not exist. Fix: point data.path (or the node's "
                         "data-path) at an existing .csv, .jsonl or .parquet file")
     suffix = path.suffix.lower()
+    if path.stat().st_size == 0:  # else pandas' "No columns to parse from file" for a .csv
+        raise DataError(f"data file {path} is empty. Fix: give the institution a file with data")
     try:
         if suffix == ".csv":
             table = pd.read_csv(path)

@@ -1,0 +1,28 @@
+"""Shared fixtures. Tests never touch the network: Hugging Face runs offline, Flower quiet."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+
+from fed_dp_lora.config import compose_config, validate  # noqa: E402
+
+
+@pytest.fixture
+def make_cfg():
+    """Compose a validated config with the tiny preset plus extra Hydra overrides."""
+
+    def _make(*overrides: str) -> DictConfig:
+        cfg = compose_config(["+preset=tiny", *overrides])
+        validate(cfg)
+        return cfg
+
+    return _make

@@ -1,0 +1,316 @@
+"""AdapterFedAvg.start, in process: a Grid subclass delivers each message to a node handler.
+
+Handlers are either the real ClientApp (with a per-node Context kept across rounds, as the
+runtime does) or hand-built replies with known tensors, so aggregation, rejection, refusal
+records and byte counts can be checked exactly.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from typing import Callable, Iterable
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.supercore.logger import FLOWER_LOGGER
+from flwr.supercore.task_identity import TaskIdentity
+
+from fed_dp_lora.client_app import LEDGER_KEY, REFUSED_BUDGET, REFUSED_CONFIG
+from fed_dp_lora.client_app import app as client_app
+from fed_dp_lora.config import load_config, resolve_delta, to_plain
+from fed_dp_lora.local_round import cached_model, client_data
+from fed_dp_lora.models import build_model, load_trainable_state, trainable_state
+from fed_dp_lora.privacy.accountant import PrivacyLedger
+from fed_dp_lora.report import RunReport
+from fed_dp_lora.strategies.averaging import AdapterFedAvg, build_strategy
+
+Handler = Callable[[Message], Message]
+# One Poisson step on an expected batch of 16 per round, fixed noise (no calibration).
+FAST = "+preset=tiny train.batch_size=16 train.epochs=0.001 privacy.noise_multiplier=1.0"
+
+
+class InProcessGrid(Grid):
+    """A Grid whose nodes are handlers in this process; keeps every message and reply."""
+
+    def __init__(self, handlers: dict[int, Handler]) -> None:
+        self.handlers = handlers
+        self.sent: list[Message] = []
+        self.replies: list[Message] = []
+        self._pending: dict[str, Message] = {}
+        self._run = None
+
+    def set_run(self, run) -> None:
+        self._run = run
+
+    @property
+    def run(self):
+        return self._run
+
+    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None) -> Message:
+        return Message(content, dst_node_id=dst_node_id, message_type=message_type,
+                       group_id=group_id, ttl=ttl)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return list(self.handlers)
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        ids = []
+        for msg in messages:
+            self.sent.append(msg)
+            message_id = f"msg-{len(self.sent)}"
+            self._pending[message_id] = self.handlers[msg.metadata.dst_node_id](msg)
+            ids.append(message_id)
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        out = [self._pending.pop(i) for i in message_ids]
+        self.replies.extend(out)
+        return out
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None):
+        return self.pull_messages(self.push_messages(messages))
+
+
+@pytest.fixture(autouse=True)
+def task_identity():
+    """Messages built outside the runtime take run/node/task ids from TaskIdentity."""
+    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 7, 0, 1
+    yield
+    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+
+
+@pytest.fixture
+def flwr_log():
+    """Records logged by Flower's logger (which the strategy logs through)."""
+    records: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record)
+
+    handler = Keep(level=logging.DEBUG)
+    FLOWER_LOGGER.addHandler(handler)
+    yield records
+    FLOWER_LOGGER.removeHandler(handler)
+
+
+def make_report(tmp_path, cfg) -> RunReport:
+    return RunReport(tmp_path, to_plain(cfg), str(cfg.model.task))
+
+
+def run_strategy(strategy: AdapterFedAvg, grid: InProcessGrid, initial: dict, rounds: int = 1):
+    return strategy.start(grid=grid, initial_arrays=ArrayRecord(initial), num_rounds=rounds,
+                          train_config=ConfigRecord())
+
+
+def reply_with(arrays: dict[str, torch.Tensor], num_examples: int, **metrics) -> Handler:
+    """A node that answers every train message with these tensors and metrics."""
+
+    def handle(msg: Message) -> Message:
+        record = MetricRecord({"num-examples": num_examples, "train-loss": 0.5, **metrics})
+        return Message(RecordDict({"arrays": ArrayRecord(arrays), "metrics": record}), reply_to=msg)
+
+    return handle
+
+
+def error_reply(code: int, reason: str) -> Handler:
+    return lambda msg: Message(Error(code=code, reason=reason), reply_to=msg)
+
+
+def filled(reference: dict[str, torch.Tensor], value: float) -> dict[str, torch.Tensor]:
+    return {k: torch.full_like(v, value) for k, v in reference.items()}
+
+
+def npy_bytes(t: torch.Tensor) -> int:
+    """Bytes of one tensor as Flower serializes it (an .npy buffer), computed independently."""
+    buf = io.BytesIO()
+    np.save(buf, t.numpy(), allow_pickle=False)
+    return len(buf.getvalue())
+
+
+REFERENCE = {"layer.lora_A": torch.zeros(2, 4), "layer.lora_B": torch.zeros(4, 2), "head": torch.zeros(3)}
+
+
+def test_aggregation_is_weighted_by_num_examples(tmp_path, make_cfg):
+    cfg = make_cfg()
+    report = make_report(tmp_path, cfg)
+    grid = InProcessGrid({
+        101: reply_with(filled(REFERENCE, 1.0), 10, **{"partition-id": 0}),
+        102: reply_with(filled(REFERENCE, 2.0), 30, **{"partition-id": 1}),
+        103: reply_with(filled(REFERENCE, 3.0), 60, **{"partition-id": 2}),
+    })
+    result = run_strategy(build_strategy(cfg, report), grid, REFERENCE)
+
+    assert len(grid.sent) == 3  # every node was asked (fraction_train = 1)
+    got = result.arrays.to_torch_state_dict()
+    assert got.keys() == REFERENCE.keys()
+    for key, value in got.items():
+        # (10*1 + 30*2 + 60*3) / 100 = 2.5; an unweighted mean would give 2.0
+        assert torch.allclose(value, torch.full_like(value, 2.5)), (key, value)
+    assert set(report.rounds[0]["clients"]) == {"client-0", "client-1", "client-2"}
+    assert report.rounds[0]["clients"]["client-2"]["num-examples"] == 60
+    assert report.rounds[0]["failures"] == {}
+
+
+def test_ffa_averaging_b_is_exactly_the_average_of_the_updates_ba(tmp_path):
+    overrides = f"{FAST} lora=ffa"
+    cfg = load_config({"overrides": overrides, "output-dir": ""})
+    assert cfg.lora.mode == "ffa"
+    server_model = build_model(cfg, 2)  # the server's own copy, built independently
+    initial = trainable_state(server_model)
+    assert not any("lora_A" in k for k in initial), "FFA must not send A"
+    assert any("lora_B" in k for k in initial)
+
+    contexts = {
+        200 + i: Context(run_id=7, node_id=200 + i, node_config={"partition-id": i, "num-partitions": 3},
+                         state=RecordDict(), run_config={"overrides": overrides, "output-dir": ""})
+        for i in range(3)
+    }
+    grid = InProcessGrid({n: (lambda msg, c=c: client_app(msg, c)) for n, c in contexts.items()})
+    report = make_report(tmp_path, cfg)
+    result = run_strategy(build_strategy(cfg, report), grid, initial)
+
+    assert len(grid.replies) == 3 and not any(r.has_error() for r in grid.replies), [
+        r.error for r in grid.replies if r.has_error()]
+    assert report.rounds[0]["failures"] == {}
+    clients = [r.content["arrays"].to_torch_state_dict() for r in grid.replies]
+    n = torch.tensor([float(r.content["metrics"]["num-examples"]) for r in grid.replies], dtype=torch.float64)
+    w = n / n.sum()
+    aggregated = result.arrays.to_torch_state_dict()
+
+    client_model = cached_model(cfg)  # the clients' model, built in their "process"
+    server_layers = {name: m for name, m in server_model.named_modules() if hasattr(m, "lora_A") and m.lora_A}
+    client_layers = {name: m for name, m in client_model.named_modules() if hasattr(m, "lora_A") and m.lora_A}
+    assert server_layers and server_layers.keys() == client_layers.keys()
+
+    load_trainable_state(server_model, aggregated)  # the server applies the new global adapter
+    checked = 0
+    for name, layer in server_layers.items():
+        a = layer.lora_A["default"].weight.detach().double()
+        # A is frozen and drawn from lora.init_seed: identical on the server and every client.
+        assert torch.equal(a.float(), client_layers[name].lora_A["default"].weight.detach().float())
+        scale = layer.scaling["default"]
+        b_key = next(k for k in aggregated if k.startswith(name + ".") and "lora_B" in k)
+        b_clients = [c[b_key].double() for c in clients]
+        assert any(not torch.equal(b_clients[0], b) for b in b_clients[1:]), "clients sent identical B"
+
+        b_mean = sum(wi * b for wi, b in zip(w, b_clients))
+        assert torch.allclose(aggregated[b_key].double(), b_mean, rtol=1e-5, atol=1e-7)
+        delta_of_mean = scale * aggregated[b_key].double() @ a          # what the global model applies
+        mean_of_deltas = sum(wi * scale * (b @ a) for wi, b in zip(w, b_clients))  # mean client update
+        assert torch.allclose(delta_of_mean, mean_of_deltas, rtol=1e-5, atol=1e-7), name
+        checked += 1
+
+        # The same through PEFT: the merged weight delta of the aggregated adapter.
+        peft_delta = layer.get_delta_weight("default").double()
+        assert torch.allclose(peft_delta, delta_of_mean, rtol=1e-5, atol=1e-7)
+    assert checked == len(server_layers) >= 2
+
+
+def test_malformed_updates_are_rejected_logged_and_the_round_goes_on(tmp_path, make_cfg, flwr_log):
+    cfg = make_cfg()
+    report = make_report(tmp_path, cfg)
+    nan = filled(REFERENCE, 1.0)
+    nan["layer.lora_B"][0, 0] = float("nan")
+    wrong_key = {**{k: v for k, v in filled(REFERENCE, 1.0).items() if k != "head"}, "heads": torch.ones(3)}
+    wrong_shape = {**filled(REFERENCE, 1.0), "layer.lora_A": torch.ones(4, 2)}
+    grid = InProcessGrid({
+        301: reply_with(filled(REFERENCE, 1.0), 10),
+        302: reply_with(filled(REFERENCE, 3.0), 30),
+        303: reply_with(nan, 1000),
+        304: reply_with(wrong_key, 1000),
+        305: reply_with(wrong_shape, 1000),
+    })
+    result = run_strategy(build_strategy(cfg, report), grid, REFERENCE)
+
+    for key, value in result.arrays.to_torch_state_dict().items():
+        assert torch.allclose(value, torch.full_like(value, 2.5)), key  # (10*1 + 30*3) / 40
+    entry = report.rounds[0]
+    assert set(entry["clients"]) == {"node-301", "node-302"}
+    failures = entry["failures"]
+    assert set(failures) == {"node-303", "node-304", "node-305"}
+    assert failures["node-303"].startswith("rejected:") and "NaN" in failures["node-303"]
+    assert "wrong tensors" in failures["node-304"] and "heads" in failures["node-304"]
+    assert "shape" in failures["node-305"] and "layer.lora_A" in failures["node-305"]
+
+    warnings = [r.getMessage() for r in flwr_log if r.levelno == logging.WARNING]
+    for node in (303, 304, 305):
+        assert any("rejected" in m and f"(node {node})" in m for m in warnings), (node, warnings)
+
+    summary = json.loads(report.write().read_text())
+    assert summary["rounds"][0]["failures"] == failures
+
+
+def test_error_replies_are_recorded_with_their_reason(tmp_path):
+    overrides = FAST
+    cfg = load_config({"overrides": overrides, "output-dir": ""})
+    reference = trainable_state(cached_model(cfg))
+
+    # A real client whose ledger (in its Context) has already spent far more than the budget.
+    node_config = {"partition-id": 0, "num-partitions": 3}
+    spent = PrivacyLedger("rdp", resolve_delta(cfg, len(client_data(cfg, node_config))))
+    spent.record(1.0, 0.5, 5000)
+    exhausted = Context(run_id=7, node_id=401, node_config=node_config, state=RecordDict(),
+                        run_config={"overrides": overrides, "output-dir": ""})
+    exhausted.state[LEDGER_KEY] = ConfigRecord(spent.to_dict())
+    # A real client pointed at a data file that does not exist.
+    missing = tmp_path / "gone.csv"
+    no_data = Context(run_id=7, node_id=402, node_config={"data-path": str(missing)}, state=RecordDict(),
+                      run_config={"overrides": overrides, "output-dir": ""})
+    traceback = ("Traceback (most recent call last):\n  File \"client_app.py\", line 3\n"
+                 "BudgetExceeded: privacy budget exhausted: epsilon would reach 9.100 > budget 8\n")
+    grid = InProcessGrid({
+        401: lambda msg: client_app(msg, exhausted),
+        402: lambda msg: client_app(msg, no_data),
+        403: error_reply(REFUSED_BUDGET, traceback),
+        404: reply_with({k: v + 1.0 for k, v in reference.items()}, 10),
+        405: reply_with({k: v + 3.0 for k, v in reference.items()}, 30),
+    })
+    report = make_report(tmp_path, cfg)
+    result = run_strategy(build_strategy(cfg, report), grid, reference)
+
+    failures = report.rounds[0]["failures"]
+    assert set(failures) == {"node-401", "node-402", "node-403"}
+    assert failures["node-401"].startswith(f"error (code {REFUSED_BUDGET}): privacy budget exhausted")
+    assert failures["node-402"].startswith(f"error (code {REFUSED_CONFIG}): DataError")
+    assert str(missing) in failures["node-402"]
+    # Only the message of a traceback-style reason is kept.
+    assert failures["node-403"] == (
+        f"error (code {REFUSED_BUDGET}): BudgetExceeded: privacy budget exhausted: "
+        "epsilon would reach 9.100 > budget 8"
+    )
+    assert dict(exhausted.state[LEDGER_KEY]) == spent.to_dict()  # the refusal spent nothing
+    # The round still aggregates the two nodes that trained: reference + (10*1 + 30*3)/40.
+    got = result.arrays.to_torch_state_dict()
+    for key in reference:
+        assert torch.allclose(got[key], reference[key] + 2.5, atol=1e-6), key
+    assert set(report.rounds[0]["clients"]) == {"node-404", "node-405"}
+
+
+def test_bytes_up_and_down_are_counted_per_round(tmp_path, make_cfg):
+    cfg = make_cfg()
+    report = make_report(tmp_path, cfg)
+    nan = filled(REFERENCE, 2.0)
+    nan["head"][0] = float("inf")
+    grid = InProcessGrid({
+        501: reply_with(filled(REFERENCE, 1.0), 10),
+        502: reply_with(filled(REFERENCE, 2.0), 10),
+        503: reply_with(nan, 10),  # rejected: its bytes arrive but are not counted as an update
+    })
+    run_strategy(build_strategy(cfg, report), grid, REFERENCE, rounds=2)
+
+    size = sum(npy_bytes(t) for t in REFERENCE.values())
+    assert size > sum(t.numel() * 4 for t in REFERENCE.values())  # payload plus .npy headers
+    assert len(grid.sent) == 6
+    summary = report.summary()
+    for entry in summary["rounds"]:
+        assert entry["bytes"] == {"down": 3 * size, "up": 2 * size}, entry["round"]
+    comm = summary["communication"]
+    assert comm["per_round"] == [{"round": r, "up": 2 * size, "down": 3 * size} for r in (1, 2)]
+    assert comm["up"] == 4 * size and comm["down"] == 6 * size

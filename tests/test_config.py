@@ -1,0 +1,251 @@
+"""Configuration: Hydra composition, validation and the errors a user sees before training."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+
+from fed_dp_lora import local_round
+from fed_dp_lora.config import (
+    ConfigError,
+    compose_config,
+    load_config,
+    resolve_delta,
+    to_plain,
+    validate,
+)
+from fed_dp_lora.data import client_partition
+
+
+def _error(*overrides: str) -> str:
+    """The message of the ConfigError that composing + validating these overrides raises."""
+    with pytest.raises(ConfigError) as info:
+        cfg = compose_config(["+preset=tiny", *overrides])
+        validate(cfg)
+    return str(info.value)
+
+
+# --- composition --------------------------------------------------------------------------
+
+
+def test_defaults_compose_and_validate(make_cfg):
+    cfg = make_cfg()
+    assert cfg.model.name == "minilm" and cfg.model.task == "classification"
+    assert cfg.lora.mode == "vanilla" and cfg.privacy.enabled is True
+    assert cfg.data.source == "credit" and cfg.data.partitioner == "iid"
+    # the tiny preset is applied on top of the defaults
+    assert cfg.model.keep_layers == 2 and cfg.train.max_length == 32 and cfg.rounds == 1
+
+
+def test_groups_select_their_options(make_cfg):
+    cfg = make_cfg("model=smollm2", "lora=ffa", "privacy=none", "data=file")
+    assert cfg.model.task == "causal-lm" and cfg.model.name == "smollm2"
+    assert cfg.lora.mode == "ffa" and cfg.lora.r == 8  # ffa inherits vanilla's keys
+    assert cfg.privacy.enabled is False and cfg.privacy.clip_norm == 1.0
+    assert cfg.data.source == "file" and cfg.data.class_weights is None
+
+
+def test_load_config_reads_overrides_from_the_run_config():
+    cfg = load_config({"overrides": "privacy.epsilon=2 lora.r=16", "output-dir": ""})
+    assert cfg.privacy.epsilon == 2 and cfg.lora.r == 16
+    assert cfg.output_dir is None
+    # untouched keys keep their defaults
+    assert cfg.lora.alpha == 16 and cfg.rounds == 4
+
+
+def test_load_config_quoted_list_override():
+    cfg = load_config({"overrides": "'lora.target_modules=[query,key,value]' privacy=none"})
+    assert list(cfg.lora.target_modules) == ["query", "key", "value"]
+    assert cfg.privacy.enabled is False
+
+
+def test_load_config_accepts_absolute_output_dir(tmp_path):
+    cfg = load_config({"overrides": "", "output-dir": str(tmp_path)})
+    assert cfg.output_dir == str(tmp_path)
+    assert to_plain(cfg)["output_dir"] == str(tmp_path)
+
+
+# --- errors: unknown names ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "override, key, valid",
+    [
+        ("model.task=foo", "model.task", "classification"),
+        ("lora.mode=bar", "lora.mode", "ffa"),
+        ("data.partitioner=shards", "data.partitioner", "dirichlet"),
+        ("privacy.accountant=gdp", "privacy.accountant", "prv"),
+        ("train.optimizer=lion", "train.optimizer", "adam"),
+        ("model.quantization=3", "model.quantization", "4"),
+        ("data.source=s3", "data.source", "file"),
+    ],
+)
+def test_unknown_option_value_names_key_and_choices(override, key, valid):
+    message = _error(override)
+    assert message.startswith(key + ":")
+    assert "Fix:" in message and valid in message
+
+
+@pytest.mark.parametrize("override, group", [("model=foo", "model"), ("lora=baz", "lora")])
+def test_unknown_group_option_lists_available_options(override, group):
+    message = _error(override)
+    assert f"{group}/{override.split('=')[1]}" in message
+    assert "Available options" in message
+    assert "groups are listed in conf/" in message
+
+
+def test_unknown_key_is_rejected_by_struct_mode():
+    message = _error("lora.rank=4")
+    assert "lora.rank" in message
+    assert "lora.r=16" in message  # the fix shows the real key's form
+
+
+def test_malformed_override_is_a_config_error():
+    with pytest.raises(ConfigError, match=r"invalid override .*lora\.r=\[1"):
+        load_config({"overrides": "lora.r=[1"})
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("privacy.epsilon=", "privacy.epsilon"),
+        ("lora.r=abc", "lora.r"),
+        ("lora.r=2.5", "lora.r"),  # would silently train rank 2
+        ("train.lr=fast", "train.lr"),
+        ("rounds=true", "rounds"),
+        ("train.batch_size=[64]", "train.batch_size"),
+    ],
+)
+def test_wrong_type_names_key_and_fix(override, key):
+    with pytest.raises(ConfigError) as info:
+        load_config({"overrides": override})
+    message = str(info.value)
+    assert message.startswith(key + ":") and "Fix: set " + key in message
+
+
+# --- errors: values -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "overrides, key",
+    [
+        (["privacy.epsilon=0"], "privacy.epsilon"),
+        (["privacy.epsilon=-1"], "privacy.epsilon"),
+        (["privacy.epsilon=null"], "privacy.epsilon"),  # neither budget nor noise multiplier
+        (["privacy.noise_multiplier=0"], "privacy.noise_multiplier"),
+        (["privacy.delta=1"], "privacy.delta"),
+        (["privacy.delta=0"], "privacy.delta"),
+        (["privacy.clip_norm=0"], "privacy.clip_norm"),
+        (["lora.r=0"], "lora.r"),
+        (["lora.r=-2"], "lora.r"),
+        (["lora.alpha=0"], "lora.alpha"),
+        (["lora.dropout=1"], "lora.dropout"),
+        (["lora.target_modules=[]"], "lora.target_modules"),
+        (["model.keep_layers=0"], "model.keep_layers"),
+        (["data.test_fraction=0"], "data.test_fraction"),
+        (["data.test_fraction=1"], "data.test_fraction"),
+        (["data.partitioner=dirichlet", "data.dirichlet_alpha=0"], "data.dirichlet_alpha"),
+        (["data.partitioner=dirichlet", "model=smollm2"], "data.partitioner"),
+        (["data.partitioner=column"], "data.partition_column"),
+        (["data.source=hub"], "data.name"),
+        (["rounds=0"], "rounds"),
+        (["train.epochs=0"], "train.epochs"),
+        (["train.batch_size=0"], "train.batch_size"),
+        (["train.lr=0"], "train.lr"),
+        (["train.max_length=4"], "train.max_length"),
+        (["eval.batch_size=0"], "eval.batch_size"),
+        (["strategy.fraction_train=0"], "strategy.fraction_train"),
+        (["strategy.fraction_train=1.5"], "strategy.fraction_train"),
+    ],
+)
+def test_invalid_value_names_key_and_fix(overrides, key):
+    message = _error(*overrides)
+    assert message.startswith(key + ":"), message
+    assert "Fix:" in message
+
+
+def test_privacy_checks_do_not_apply_when_privacy_is_off(make_cfg):
+    cfg = make_cfg("privacy=none", "privacy.epsilon=0", "privacy.delta=5")
+    assert cfg.privacy.enabled is False
+
+
+def test_noise_multiplier_alone_is_a_valid_privacy_setting(make_cfg):
+    cfg = make_cfg("privacy.epsilon=null", "privacy.noise_multiplier=1.1")
+    assert cfg.privacy.noise_multiplier == 1.1
+
+
+def test_epsilon_error_is_raised_by_load_config():
+    with pytest.raises(ConfigError, match=r"^privacy\.epsilon: .*Fix: use a positive budget"):
+        load_config({"overrides": "privacy.epsilon=0"})
+
+
+def test_rank_error_is_raised_by_load_config():
+    with pytest.raises(ConfigError, match=r"^lora\.r: rank 0 < 1\. Fix"):
+        load_config({"overrides": "lora.r=0"})
+
+
+@pytest.mark.parametrize("output_dir", ["outputs/run1", "./out", "~/out"])
+def test_relative_output_dir_is_rejected(output_dir):
+    with pytest.raises(ConfigError) as info:
+        load_config({"overrides": "", "output-dir": output_dir})
+    message = str(info.value)
+    assert message.startswith("output-dir:") and "absolute" in message and "Fix:" in message
+
+
+# --- checks against the data ----------------------------------------------------------------
+
+
+def test_resolve_delta_default_is_one_tenth_over_n(make_cfg):
+    cfg = make_cfg()
+    assert resolve_delta(cfg, 1000) == pytest.approx(1e-4)
+    assert resolve_delta(cfg, 3) == pytest.approx(1 / 30)
+
+
+def test_resolve_delta_accepts_delta_below_one_over_n(make_cfg):
+    cfg = make_cfg("privacy.delta=0.001")
+    assert resolve_delta(cfg, 999) == 0.001
+
+
+@pytest.mark.parametrize("n", [1000, 2000, 10_000])  # 1/n = 0.001 exactly, then below
+def test_resolve_delta_rejects_delta_at_or_above_one_over_n(make_cfg, n):
+    cfg = make_cfg("privacy.delta=0.001")
+    with pytest.raises(ConfigError) as info:
+        resolve_delta(cfg, n)
+    message = str(info.value)
+    assert message.startswith("privacy.delta:")
+    assert f"{n} records" in message and "Fix:" in message and "null" in message
+
+
+def test_partition_count_larger_than_data(make_cfg):
+    cfg = make_cfg()
+    train = pd.DataFrame({"text": ["a", "b", "c"], "label": [0, 1, 0]})
+    with pytest.raises(ConfigError) as info:
+        client_partition(train, cfg, 0, 4)
+    message = str(info.value)
+    assert message.startswith("num-partitions:") and "3 training records" in message
+    assert "num-supernodes" in message
+
+
+def test_delta_error_stops_the_round_before_any_training(make_cfg, monkeypatch):
+    """The client's data-dependent checks run before train_local is ever called."""
+    cfg = make_cfg("privacy.delta=0.01")  # 4 clients of ~890 records: 1/n ~ 0.0011 < delta
+    called = []
+    monkeypatch.setattr(local_round, "train_local", lambda *a, **k: called.append(1))
+    state = local_round.trainable_state(local_round.cached_model(cfg))
+    with pytest.raises(ConfigError, match=r"^privacy\.delta: 0\.01 >= 1/n"):
+        local_round.train_round(cfg, {"partition-id": 0, "num-partitions": 4}, state, None)
+    assert called == []
+
+
+def test_partition_count_error_stops_the_round_before_any_training(make_cfg, monkeypatch):
+    cfg = make_cfg()
+    called = []
+    monkeypatch.setattr(local_round, "train_local", lambda *a, **k: called.append(1))
+    with pytest.raises(ConfigError, match="^num-partitions"):
+        local_round.train_round(cfg, {"partition-id": 0, "num-partitions": 5000}, {}, None)
+    assert called == []
+
+
+def test_node_without_data_or_partition_is_a_config_error(make_cfg):
+    with pytest.raises(ConfigError, match="data-path"):
+        local_round.client_data(make_cfg(), {})

@@ -1,0 +1,403 @@
+"""Local training and evaluation: encoding, per-record losses, DP and non-DP steps, metrics.
+
+Classification runs on the packaged MiniLM (2 layers) and the real credit data; the causal-LM
+part runs on the packaged SmolLM2 (GGUF converted to safetensors once per test session, in a
+temporary cache) truncated to 2 layers.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from fed_dp_lora import models
+from fed_dp_lora.config import compose_config, validate
+from fed_dp_lora.data import holdout_split, load_table
+from fed_dp_lora.models import build_model, load_tokenizer, trainable_state
+from fed_dp_lora.privacy.engine import GradientEngine, PrivateGradientEngine
+from fed_dp_lora.training import (
+    IGNORE,
+    encode,
+    evaluate,
+    majority_baseline,
+    per_sample_losses,
+    plan_steps,
+    train_local,
+)
+
+SMOL = ("model=smollm2", "model.keep_layers=2", "lora.target_modules=[q_proj,v_proj]")
+
+
+def _cfg(*overrides: str):
+    cfg = compose_config(["+preset=tiny", *overrides])
+    validate(cfg)
+    return cfg
+
+
+def _changed(before: dict, after: dict) -> dict[str, bool]:
+    return {name: not torch.equal(before[name], after[name]) for name in before}
+
+
+# --- classification: data -------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def credit_split():
+    cfg = _cfg()
+    return holdout_split(load_table(cfg), cfg)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_tokenizer(_cfg())
+
+
+@pytest.fixture(scope="module")
+def train_data(credit_split, tokenizer):
+    train, _ = credit_split
+    return encode(train.head(16), tokenizer, _cfg())
+
+
+@pytest.fixture(scope="module")
+def test_data(credit_split, tokenizer):
+    _, test = credit_split
+    # both classes, so AUC is defined
+    sample = pd.concat([test[test["label"] == 0].head(12), test[test["label"] == 1].head(8)])
+    return encode(sample.reset_index(drop=True), tokenizer, _cfg())
+
+
+def test_encode_classification(credit_split, tokenizer, train_data):
+    train, _ = credit_split
+    assert len(train_data) == 16
+    assert train_data.input_ids.shape == (16, 32) == train_data.attention_mask.shape
+    assert train_data.labels.tolist() == train["label"].head(16).tolist()
+    assert train_data.labels.dtype == torch.long
+    # credit texts are longer than 32 tokens: truncated, ending in [SEP]
+    assert (train_data.input_ids[:, 0] == tokenizer.cls_token_id).all()
+    assert (train_data.input_ids[:, -1] == tokenizer.sep_token_id).all()
+
+
+def test_batch_trims_to_the_longest_record(tokenizer):
+    table = pd.DataFrame({"text": ["short", "a somewhat longer text here"], "label": [0, 1]})
+    data = encode(table, tokenizer, _cfg())
+    assert data.input_ids.shape == (2, 32)
+    batch = data.batch(torch.tensor([0]), torch.device("cpu"))
+    assert batch["input_ids"].shape == (1, int(data.attention_mask[0].sum()))
+    batch = data.batch(torch.tensor([0, 1]), torch.device("cpu"))
+    assert batch["input_ids"].shape[1] == int(data.attention_mask[1].sum())
+    assert batch["labels"].tolist() == [0, 1]
+
+
+def test_plan_steps():
+    assert plan_steps(1000, 64, 1.0) == (0.064, round(1 / 0.064))
+    assert plan_steps(50, 64, 2.0) == (1.0, 2)  # rate capped at 1
+    assert plan_steps(1000, 10, 0.0001)[1] == 1  # at least one step
+
+
+# --- classification: losses -------------------------------------------------------------------
+
+
+def test_per_sample_losses_are_per_record(train_data):
+    """Each record's loss is independent of the batch it is in (padding, other records)."""
+    model = build_model(_cfg(), 2)
+    model.eval()
+    weights = torch.tensor([0.7, 1.78])
+    cpu = torch.device("cpu")
+    index = torch.arange(6)
+    with torch.no_grad():
+        batch_losses = per_sample_losses(model, train_data.batch(index, cpu), weights)
+        single = torch.cat(
+            [per_sample_losses(model, train_data.batch(index[i : i + 1], cpu), weights) for i in range(6)]
+        )
+        unweighted = per_sample_losses(model, train_data.batch(index, cpu), None)
+    assert batch_losses.shape == (6,)
+    torch.testing.assert_close(batch_losses, single, atol=1e-5, rtol=1e-5)
+    # class weights scale each record's loss by its class weight
+    torch.testing.assert_close(batch_losses, unweighted * weights[train_data.labels[:6]])
+
+
+# --- classification: training -----------------------------------------------------------------
+
+
+def test_train_local_without_privacy_changes_every_adapter_tensor(train_data):
+    cfg = _cfg("privacy=none", "train.lr=0.01")
+    model = build_model(cfg, 2)
+    before = trainable_state(model)
+    engine = GradientEngine(model, 8.0)
+    stats = train_local(engine, train_data, cfg, 0.5, 3, torch.tensor([0.7, 1.78]),
+                        torch.Generator().manual_seed(0))
+    changed = _changed(before, trainable_state(model))
+    # B starts at 0, so A only moves from the second step on: all must have moved after 3
+    assert all(changed.values()), [n for n, c in changed.items() if not c]
+    assert stats.steps == 3 and stats.empty_batches == 0
+    assert 0 < stats.examples <= 3 * len(train_data)
+    assert stats.mean_loss > 0 and math.isfinite(stats.mean_loss)
+    # the frozen base did not move
+    assert all(not p.requires_grad or ".lora_" in n or "modules_to_save" in n
+               for n, p in model.named_parameters())
+
+
+def test_train_local_without_privacy_reduces_training_loss(credit_split, tokenizer):
+    """Gradients point the right way: a few steps fit a skewed (14 good / 2 bad) set."""
+    train, _ = credit_split
+    table = pd.concat([train[train["label"] == 0].head(14), train[train["label"] == 1].head(2)])
+    cfg = _cfg("privacy=none", "train.optimizer=sgd", "train.lr=0.5")
+    data = encode(table, tokenizer, cfg)
+    model = build_model(cfg, 2)
+    everything = torch.arange(len(data))
+
+    def loss() -> float:
+        model.eval()
+        with torch.no_grad():
+            return float(per_sample_losses(model, data.batch(everything, torch.device("cpu")), None).mean())
+
+    start = loss()
+    train_local(GradientEngine(model, float(len(data))), data, cfg, 1.0, 3, None,
+                torch.Generator().manual_seed(0))
+    assert loss() < start - 0.1
+
+
+def test_train_local_with_privacy_changes_every_adapter_tensor(train_data):
+    cfg = _cfg("train.lr=0.01")
+    model = build_model(cfg, 2)
+    before = trainable_state(model)
+    engine = PrivateGradientEngine(model, 8.0, clip_norm=0.1, noise_multiplier=1.0,
+                                   generator=torch.Generator().manual_seed(1))
+    try:
+        stats = train_local(engine, train_data, cfg, 0.5, 2, torch.tensor([0.7, 1.78]),
+                            torch.Generator().manual_seed(0))
+    finally:
+        engine.detach()
+    changed = _changed(before, trainable_state(model))
+    assert all(changed.values()), [n for n, c in changed.items() if not c]
+    assert stats.steps == 2 and stats.examples > 0
+    assert 0.0 <= engine.last_clipped_fraction <= 1.0
+    assert engine.last_clipped_fraction > 0  # C = 0.1 is small: per-record gradients are clipped
+    # no per-sample gradient is left behind on the reused model
+    assert all(getattr(p, "grad_sample", None) is None for p in model.parameters())
+
+
+def test_private_step_on_an_empty_batch_is_noise_only(train_data):
+    """Poisson sampling can draw no record: the step still happens (noise only)."""
+    cfg = _cfg()
+    model = build_model(cfg, 2)
+    before = trainable_state(model)
+    engine = PrivateGradientEngine(model, 8.0, 1.0, 1.0, torch.Generator().manual_seed(1))
+    try:
+        stats = train_local(engine, train_data, cfg, 1e-12, 2, None, torch.Generator().manual_seed(0))
+    finally:
+        engine.detach()
+    assert stats.empty_batches == 2 and stats.examples == 0 and stats.mean_loss == 0.0
+    assert all(_changed(before, trainable_state(model)).values())
+
+
+def test_non_private_empty_batch_is_skipped(train_data):
+    cfg = _cfg("privacy=none")
+    model = build_model(cfg, 2)
+    before = trainable_state(model)
+    stats = train_local(GradientEngine(model, 8.0), train_data, cfg, 1e-12, 2, None,
+                        torch.Generator().manual_seed(0))
+    assert stats.empty_batches == 2
+    assert not any(_changed(before, trainable_state(model)).values())
+
+
+def test_ffa_training_leaves_lora_a_untouched(train_data):
+    cfg = _cfg("lora=ffa", "privacy=none", "train.lr=0.01")
+    model = build_model(cfg, 2)
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if ".lora_A." in n}
+    before = trainable_state(model)
+    train_local(GradientEngine(model, 8.0), train_data, cfg, 0.5, 2, None, torch.Generator().manual_seed(0))
+    assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if ".lora_A." in n)
+    assert all(_changed(before, trainable_state(model)).values())
+
+
+# --- classification: evaluation ---------------------------------------------------------------
+
+
+def test_evaluate_classification_metrics(test_data):
+    model = build_model(_cfg(), 2)
+    metrics = evaluate(model, test_data, batch_size=8)  # several batches, the last one short
+    assert set(metrics) == {"accuracy", "balanced_accuracy", "macro_f1", "auc"}
+    for name, value in metrics.items():
+        assert isinstance(value, float) and 0.0 <= value <= 1.0, name
+    assert not model.training
+    # batch size does not change the result
+    again = evaluate(model, test_data, batch_size=64)
+    assert again == pytest.approx(metrics)
+    # and matches a direct computation
+    with torch.no_grad():
+        logits = model(input_ids=test_data.input_ids, attention_mask=test_data.attention_mask).logits
+    pred = logits.argmax(dim=1)
+    accuracy = float((pred == test_data.labels).float().mean())
+    assert metrics["accuracy"] == pytest.approx(accuracy)
+
+
+def test_majority_baseline():
+    train = np.array([0] * 70 + [1] * 30)
+    test = np.array([0] * 8 + [1] * 2)
+    metrics = majority_baseline(train, test, 2)
+    assert metrics["balanced_accuracy"] == 0.5
+    assert metrics["accuracy"] == pytest.approx(0.8)
+    assert metrics["macro_f1"] == pytest.approx((2 * 0.8 / 1.8 + 0) / 2)
+    assert "auc" not in metrics  # a constant predictor has no ranking
+    # the majority comes from the training labels, not the test labels
+    flipped = majority_baseline(np.array([1] * 10 + [0] * 3), test, 2)
+    assert flipped["accuracy"] == pytest.approx(0.2) and flipped["balanced_accuracy"] == 0.5
+
+
+def test_majority_baseline_on_credit(credit_split):
+    train, test = credit_split
+    metrics = majority_baseline(train["label"].to_numpy(), test["label"].to_numpy(), 2)
+    assert metrics["balanced_accuracy"] == 0.5
+    assert metrics["accuracy"] == pytest.approx((test["label"] == 0).mean())
+
+
+# --- causal LM: SmolLM2 -----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def smollm2_cache(tmp_path_factory):
+    """A fresh FED_DP_LORA_CACHE with SmolLM2 converted from GGUF once for the session."""
+    cache = tmp_path_factory.mktemp("fed-dp-lora-cache")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("FED_DP_LORA_CACHE", str(cache))
+        start = time.perf_counter()
+        folder = models._smollm2_folder()
+        seconds = time.perf_counter() - start
+    yield cache, folder, seconds
+    shutil.rmtree(cache, ignore_errors=True)  # 540 MB of fp32 weights: do not keep them per run
+
+
+@pytest.fixture
+def smol_env(smollm2_cache, monkeypatch):
+    cache, _, _ = smollm2_cache
+    monkeypatch.setenv("FED_DP_LORA_CACHE", str(cache))
+    return _cfg(*SMOL)
+
+
+@pytest.fixture(scope="session")
+def smol_tokenizer(smollm2_cache):
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("FED_DP_LORA_CACHE", str(smollm2_cache[0]))
+        return load_tokenizer(_cfg(*SMOL))
+
+
+QA = pd.DataFrame(
+    {
+        "prompt": ["What does APR stand for?", "Is a debt ratio of 80% risky?"],
+        "response": ["Annual percentage rate.", "Yes, it is high."],
+    }
+)
+
+
+def test_smollm2_converted_folder_is_cached_and_reused(smollm2_cache, smol_env, monkeypatch):
+    cache, folder, seconds = smollm2_cache
+    assert folder == cache / "smollm2-135m-instruct"
+    for name in ("model.safetensors", "config.json", "tokenizer.json"):
+        assert (folder / name).is_file(), name
+    assert [p.name for p in cache.iterdir()] == [folder.name]  # no half-written tmp folder left
+    assert models.model_source(smol_env) == str(folder)
+
+    # A second load reads the safetensors folder: never the GGUF file again.
+    calls = []
+    original = models.AutoModelForCausalLM.from_pretrained
+
+    def spy(source, *args, **kwargs):
+        calls.append((str(source), kwargs))
+        return original(source, *args, **kwargs)
+
+    monkeypatch.setattr(models.AutoModelForCausalLM, "from_pretrained", spy)
+    mtime = (folder / "model.safetensors").stat().st_mtime_ns
+    start = time.perf_counter()
+    model = build_model(smol_env, None)
+    reload_seconds = time.perf_counter() - start
+    assert calls and all(src == str(folder) and "gguf_file" not in kw for src, kw in calls)
+    assert (folder / "model.safetensors").stat().st_mtime_ns == mtime
+    assert reload_seconds < 15 and reload_seconds < max(seconds, 20)
+    assert model.config.num_hidden_layers == 2
+
+
+def test_smollm2_lora_trains_only_q_and_v_factors(smol_env):
+    model = build_model(smol_env, None)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert len(trainable) == 2 * 2 * 2  # A, B on q_proj, v_proj in 2 layers
+    assert all(".lora_A." in n or ".lora_B." in n for n in trainable)
+    assert {n.split(".lora_")[0].rsplit(".", 1)[1] for n in trainable} == {"q_proj", "v_proj"}
+    assert len(model.base_model.model.model.layers) == 2
+    assert model.get_output_embeddings().weight.requires_grad is False
+
+
+def test_encode_masks_the_prompt_and_keeps_the_response(smol_env, smol_tokenizer):
+    tok = smol_tokenizer
+    cfg = _cfg(*SMOL, "train.max_length=64")
+    data = encode(QA, tok, cfg)
+    assert data.input_ids.shape == data.labels.shape == (2, 64)
+    for i, response in enumerate(QA["response"]):
+        labels, ids, mask = data.labels[i], data.input_ids[i], data.attention_mask[i]
+        length = int(mask.sum())
+        kept = (labels != IGNORE).nonzero().squeeze(1)
+        # the response is one contiguous block at the end of the record
+        assert kept.tolist() == list(range(int(kept[0]), length))
+        assert torch.equal(labels[kept], ids[kept])
+        assert tok.decode(ids[kept]) == response + tok.eos_token
+        # everything before it is the (chat-formatted) prompt, masked
+        prompt = tok.decode(ids[: int(kept[0])])
+        assert QA["prompt"][i] in prompt and "<|im_start|>user" in prompt
+        assert prompt.rstrip().endswith("<|im_start|>assistant")
+        # padding: no attention, no loss
+        assert (mask[length:] == 0).all() and (labels[length:] == IGNORE).all()
+
+
+def test_encode_truncates_the_prompt_not_the_response(smol_env, smol_tokenizer):
+    cfg = _cfg(*SMOL)  # max_length 32: the credit prompts are longer
+    table = load_table(cfg).head(4)
+    data = encode(table, smol_tokenizer, cfg)
+    assert data.input_ids.shape == (4, 32)
+    for i, response in enumerate(table["response"]):
+        assert int(data.attention_mask[i].sum()) == 32
+        kept = data.labels[i] != IGNORE
+        assert smol_tokenizer.decode(data.input_ids[i][kept]) == response + smol_tokenizer.eos_token
+        assert int((~kept).sum()) > 20  # most of the record is prompt, masked
+
+
+def test_causal_per_sample_loss_is_the_mean_over_the_records_response(smol_env, smol_tokenizer):
+    model = build_model(smol_env, None)
+    model.eval()
+    cfg = _cfg(*SMOL, "train.max_length=64")
+    data = encode(QA, smol_tokenizer, cfg)
+    cpu = torch.device("cpu")
+    with torch.no_grad():
+        losses = per_sample_losses(model, data.batch(torch.arange(2), cpu), None)
+        for i in range(2):
+            one = data.batch(torch.tensor([i]), cpu)
+            reference = model(**one).loss  # HF's mean over this record's response tokens
+            torch.testing.assert_close(losses[i], reference, atol=1e-4, rtol=1e-4)
+
+
+def test_causal_lm_dp_step_and_evaluate(smol_env, smol_tokenizer):
+    cfg = _cfg(*SMOL, "train.max_length=64")
+    model = build_model(smol_env, None)
+    data = encode(QA, smol_tokenizer, cfg)
+    metrics = evaluate(model, data, batch_size=1)
+    assert set(metrics) == {"loss", "perplexity"}
+    assert metrics["loss"] > 0 and math.isfinite(metrics["perplexity"])
+    assert metrics["perplexity"] == pytest.approx(math.exp(min(metrics["loss"], 50.0)))
+    # token-weighted over the whole set, independent of the batch size
+    assert evaluate(model, data, batch_size=2)["loss"] == pytest.approx(metrics["loss"], rel=1e-4)
+
+    before = trainable_state(model)
+    engine = PrivateGradientEngine(model, 2.0, 1.0, 0.5, torch.Generator().manual_seed(0))
+    try:
+        stats = train_local(engine, data, cfg, 1.0, 1, None, torch.Generator().manual_seed(0))
+    finally:
+        engine.detach()
+    assert stats.steps == 1 and stats.examples == 2 and stats.empty_batches == 0
+    assert math.isfinite(stats.mean_loss) and stats.mean_loss > 0
+    changed = _changed(before, trainable_state(model))
+    assert all(changed.values()), [n for n, c in changed.items() if not c]
