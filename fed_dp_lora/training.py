@@ -140,6 +140,9 @@ def train_local(
         generator = torch.Generator().manual_seed(secrets.randbits(63))
     optimizer = make_optimizer(engine.params, cfg)
     model.train()
+    if engine.private:
+        probe = data.batch(torch.arange(min(2, len(data))), device)
+        engine.verify_coverage(per_sample_losses(model, probe, class_weights))
     examples = empty = 0
     loss_sum = 0.0
     for _ in range(steps):

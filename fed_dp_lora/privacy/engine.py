@@ -71,6 +71,17 @@ class PrivateGradientEngine(GradientEngine):
     def backward(self, per_sample_losses: torch.Tensor) -> None:
         per_sample_losses.sum().backward()
 
+    def verify_coverage(self, per_sample_losses: torch.Tensor) -> None:
+        """Refuse before the first step if any trainable tensor lacks a per-sample gradient.
+
+        Runs one backward on a probe batch and discards it: nothing is updated or released.
+        Checking only inside steps would let noise-only steps (empty batches) run first.
+        """
+        self.backward(per_sample_losses)
+        self._per_sample_grads(per_sample_losses.shape[0])
+        for p in self.params:
+            p.grad = None
+
     def _per_sample_grads(self, batch_size: int) -> list[torch.Tensor]:
         grads = []
         for p in self.params:
