@@ -258,3 +258,19 @@ def test_cuda_requested_without_cuda_is_a_config_error(make_cfg, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(ConfigError, match=r"^train\.device: cuda requested.*Fix: use auto or cpu"):
         build_model(make_cfg("train.device=cuda"), 2)
+
+
+def test_local_model_folder_works_by_config(make_cfg, tmp_path):
+    """model.name may be any local folder with HF weights (here: a copy of the packaged MiniLM)."""
+    import shutil
+
+    source = model_source(make_cfg())
+    local = tmp_path / "my-encoder"
+    shutil.copytree(source, local)
+    cfg = make_cfg(f"model.name={local}")
+    assert model_source(cfg) == str(local)
+    model = build_model(cfg, 2)
+    reference = build_model(make_cfg(), 2)
+    assert set(trainable_state(model)) == set(trainable_state(reference))
+    for (name, a), b in zip(model.state_dict().items(), reference.state_dict().values()):
+        assert torch.equal(a, b), name

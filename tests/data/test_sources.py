@@ -268,3 +268,17 @@ def test_malformed_file_is_a_data_error(tmp_path):
     path.write_text("this is not parquet")
     with pytest.raises(DataError, match=f"{path} could not be parsed as .parquet"):
         read_file(path)
+
+
+def test_hub_source_loads_a_dataset_folder_offline(make_cfg, tmp_path):
+    """data.source=hub goes through datasets.load_dataset; a local dataset folder needs no network."""
+    folder = tmp_path / "bank-reviews"
+    folder.mkdir()
+    pd.DataFrame({"review": ["late payments", "paid early"], "outcome": ["bad", "good"]}).to_csv(
+        folder / "train.csv", index=False
+    )
+    cfg = make_cfg("data.source=hub", f"data.name={folder}", "data.text_column=review",
+                   "data.label_column=outcome", "data.labels=[good,bad]")
+    table = load_table(cfg)
+    assert list(table["text"]) == ["late payments", "paid early"]
+    assert list(table["label"]) == [1, 0]
