@@ -107,6 +107,7 @@ def validate(cfg: DictConfig) -> None:
         "must be at least 1",
         "set a positive layer count or null",
     )
+    _choice(cfg, "model.pooling", ("model", "cls"))
     _choice(cfg, "lora.mode", ("vanilla", "ffa"))
     _require(int(cfg.lora.r) >= 1, "lora.r", f"rank {cfg.lora.r} < 1", "use a rank of 1 or more")
     _require(float(cfg.lora.alpha) > 0, "lora.alpha", "must be > 0", "e.g. lora.alpha=16")

@@ -140,17 +140,21 @@ def train_local(
         generator = torch.Generator().manual_seed(secrets.randbits(63))
     optimizer = make_optimizer(engine.params, cfg)
     model.train()
+    # Class weights act per record, scaled into (0, 1]: on the clip bound under DP (see
+    # PrivateGradientEngine.backward), on the loss without DP.
+    record_weights = None if class_weights is None else class_weights / class_weights.max()
     if engine.private:
         probe = data.batch(torch.arange(min(2, len(data))), device)
-        engine.verify_coverage(per_sample_losses(model, probe, class_weights))
+        engine.verify_coverage(per_sample_losses(model, probe, None))
     examples = empty = 0
     loss_sum = 0.0
     for _ in range(steps):
         index = (torch.rand(len(data), generator=generator) < sample_rate).nonzero().squeeze(1)
         optimizer.zero_grad(set_to_none=True)
         if len(index) > 0:
-            losses = per_sample_losses(model, data.batch(index, device), class_weights)
-            engine.backward(losses)
+            batch = data.batch(index, device)
+            losses = per_sample_losses(model, batch, None)
+            engine.backward(losses, None if record_weights is None else record_weights[batch["labels"]])
             loss_sum += float(losses.detach().sum())
         else:
             empty += 1  # HF models crash on an empty batch; the engine takes a noise-only step

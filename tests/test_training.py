@@ -147,7 +147,7 @@ def test_train_local_without_privacy_reduces_training_loss(credit_split, tokeniz
     """Gradients point the right way: a few steps fit a skewed (14 good / 2 bad) set."""
     train, _ = credit_split
     table = pd.concat([train[train["label"] == 0].head(14), train[train["label"] == 1].head(2)])
-    cfg = _cfg("privacy=none", "train.optimizer=sgd", "train.lr=0.5")
+    cfg = _cfg("privacy=none", "train.optimizer=sgd", "train.lr=0.05")
     data = encode(table, tokenizer, cfg)
     model = build_model(cfg, 2)
     everything = torch.arange(len(data))
@@ -158,7 +158,7 @@ def test_train_local_without_privacy_reduces_training_loss(credit_split, tokeniz
             return float(per_sample_losses(model, data.batch(everything, torch.device("cpu")), None).mean())
 
     start = loss()
-    train_local(GradientEngine(model, float(len(data))), data, cfg, 1.0, 3, None,
+    train_local(GradientEngine(model, float(len(data))), data, cfg, 1.0, 5, None,
                 torch.Generator().manual_seed(0))
     assert loss() < start - 0.1
 

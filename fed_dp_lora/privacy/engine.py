@@ -29,8 +29,10 @@ class GradientEngine:
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.expected_batch_size = expected_batch_size
 
-    def backward(self, per_sample_losses: torch.Tensor) -> None:
-        per_sample_losses.sum().div(self.expected_batch_size).backward()
+    def backward(self, per_sample_losses: torch.Tensor, weights: torch.Tensor | None = None) -> None:
+        """Backprop the (weighted) sum of per-record losses over the expected batch size."""
+        losses = per_sample_losses if weights is None else per_sample_losses * weights
+        losses.sum().div(self.expected_batch_size).backward()
 
     def finalize(self, batch_size: int) -> bool:
         """Make p.grad ready for optimizer.step(); False means skip the step."""
@@ -67,8 +69,19 @@ class PrivateGradientEngine(GradientEngine):
             generator.manual_seed(secrets.randbits(63))
         self.generator = generator
         self.last_clipped_fraction = 0.0
+        self._bounds: torch.Tensor | None = None
 
-    def backward(self, per_sample_losses: torch.Tensor) -> None:
+    def backward(self, per_sample_losses: torch.Tensor, weights: torch.Tensor | None = None) -> None:
+        """Per-record gradients of the losses; `weights` (each in (0, 1]) scale the clip bounds.
+
+        A loss weight would be undone by clipping (a clipped gradient has norm C whatever its
+        weight), so class weighting acts on each record's clip bound instead: record i is
+        clipped to C * w_i <= C. Each record still moves the sum by at most C, so the
+        sensitivity, and with it the noise and the accounting, are unchanged.
+        """
+        if weights is not None and (weights.min() <= 0 or weights.max() > 1):
+            raise ValueError("clip weights must lie in (0, 1]: each record's bound is C * w <= C")
+        self._bounds = None if weights is None else weights.detach().float()
         per_sample_losses.sum().backward()
 
     def verify_coverage(self, per_sample_losses: torch.Tensor) -> None:
@@ -105,7 +118,8 @@ class PrivateGradientEngine(GradientEngine):
         if batch_size > 0:
             flat = self._per_sample_grads(batch_size)
             norms = torch.sqrt(sum(g.pow(2).sum(dim=1) for g in flat))
-            factors = (self.clip_norm / (norms + 1e-6)).clamp(max=1.0)
+            bounds = self.clip_norm if self._bounds is None else self.clip_norm * self._bounds
+            factors = (bounds / (norms + 1e-6)).clamp(max=1.0)
             self.last_clipped_fraction = float((factors < 1.0).float().mean())
             sums = [factors @ g for g in flat]
         else:
