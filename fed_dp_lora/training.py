@@ -140,7 +140,7 @@ def train_local(
         generator = torch.Generator().manual_seed(secrets.randbits(63))
     optimizer = make_optimizer(engine.params, cfg)
     model.train()
-    # Class weights act per record, scaled into (0, 1]: on the clip bound under DP (see
+    # Class weights act per record, scaled into (0, 1]: on the clipped gradient under DP (see
     # PrivateGradientEngine.backward), on the loss without DP.
     record_weights = None if class_weights is None else class_weights / class_weights.max()
     if engine.private:

@@ -69,19 +69,20 @@ class PrivateGradientEngine(GradientEngine):
             generator.manual_seed(secrets.randbits(63))
         self.generator = generator
         self.last_clipped_fraction = 0.0
-        self._bounds: torch.Tensor | None = None
+        self.last_median_norm = 0.0
+        self._weights: torch.Tensor | None = None
 
     def backward(self, per_sample_losses: torch.Tensor, weights: torch.Tensor | None = None) -> None:
-        """Per-record gradients of the losses; `weights` (each in (0, 1]) scale the clip bounds.
+        """Per-record gradients of the losses; `weights` (each in (0, 1]) weight the records.
 
         A loss weight would be undone by clipping (a clipped gradient has norm C whatever its
-        weight), so class weighting acts on each record's clip bound instead: record i is
-        clipped to C * w_i <= C. Each record still moves the sum by at most C, so the
-        sensitivity, and with it the noise and the accounting, are unchanged.
+        weight), so the weight multiplies the clipped gradient: record i adds w_i clip(g_i, C),
+        of norm at most C w_i <= C. The sensitivity, and with it the noise and the
+        accounting, are unchanged.
         """
         if weights is not None and (weights.min() <= 0 or weights.max() > 1):
             raise ValueError("clip weights must lie in (0, 1]: each record's bound is C * w <= C")
-        self._bounds = None if weights is None else weights.detach().float()
+        self._weights = None if weights is None else weights.detach().float()
         per_sample_losses.sum().backward()
 
     def verify_coverage(self, per_sample_losses: torch.Tensor) -> None:
@@ -118,9 +119,11 @@ class PrivateGradientEngine(GradientEngine):
         if batch_size > 0:
             flat = self._per_sample_grads(batch_size)
             norms = torch.sqrt(sum(g.pow(2).sum(dim=1) for g in flat))
-            bounds = self.clip_norm if self._bounds is None else self.clip_norm * self._bounds
-            factors = (bounds / (norms + 1e-6)).clamp(max=1.0)
+            factors = (self.clip_norm / (norms + 1e-6)).clamp(max=1.0)
             self.last_clipped_fraction = float((factors < 1.0).float().mean())
+            self.last_median_norm = float(norms.median())
+            if self._weights is not None:
+                factors = factors * self._weights  # w_i * clip(g_i, C): norm <= C * w_i <= C
             sums = [factors @ g for g in flat]
         else:
             sums = [torch.zeros(p.numel(), device=p.device) for p in self.params]

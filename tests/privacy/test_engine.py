@@ -481,3 +481,52 @@ def test_per_sample_losses_for_classification_are_per_record():
     per_sample_losses(LogitsStub(leaf), batch, weights)[2].backward()
     assert torch.count_nonzero(leaf.grad[[0, 1, 3, 4]]) == 0
     assert torch.count_nonzero(leaf.grad[2]) == 3
+
+
+# ---------------------------------------------------------------------------------------------
+# 7. Record weights (class weighting under DP) multiply the clipped gradient, never exceed C
+# ---------------------------------------------------------------------------------------------
+
+
+def test_record_weights_scale_clipped_gradients_and_keep_sensitivity(make_cfg):
+    n = 6
+    cfg, model, data = _setup(make_cfg, n)
+    _no_dropout(model)
+    model.train()
+    params = _trainable(model)
+    clip = 1e-3  # far below every record's gradient norm: all records are clipped
+    weights = torch.tensor([0.25, 1.0, 0.5, 1.0, 0.75, 0.4])
+
+    def summed(w: torch.Tensor | None, index: torch.Tensor) -> dict[str, torch.Tensor]:
+        engine = PrivateGradientEngine(model, 1.0, clip, 0.0, torch.Generator())
+        try:
+            engine.backward(per_sample_losses(engine.module, data.batch(index, CPU), None), w)
+            engine.finalize(len(index))
+            assert engine.last_clipped_fraction == 1.0
+        finally:
+            engine.detach()
+        return {name: p.grad.detach().double().clone() for name, p in params.items()}
+
+    singles = [summed(None, torch.tensor([i])) for i in range(n)]
+    for i, grads in enumerate(singles):  # unweighted: every clipped record has norm exactly C
+        norm = torch.sqrt(sum(g.pow(2).sum() for g in grads.values()))
+        assert float(norm) == pytest.approx(clip, rel=1e-3)
+        weighted = summed(weights[i : i + 1], torch.tensor([i]))
+        w_norm = torch.sqrt(sum(g.pow(2).sum() for g in weighted.values()))
+        assert float(w_norm) == pytest.approx(clip * float(weights[i]), rel=1e-3)  # <= C
+    got = summed(weights, torch.arange(n))
+    for name in params:
+        want = sum(float(weights[i]) * singles[i][name] for i in range(n))
+        assert torch.allclose(got[name], want, rtol=1e-4, atol=1e-12), name
+
+
+def test_record_weights_outside_unit_interval_are_refused(make_cfg):
+    _, model, data = _setup(make_cfg, 2)
+    model.train()
+    engine = PrivateGradientEngine(model, 1.0, 1.0, 0.0, torch.Generator())
+    try:
+        losses = per_sample_losses(engine.module, data.batch(torch.arange(2), CPU), None)
+        with pytest.raises(ValueError, match="<= C"):
+            engine.backward(losses, torch.tensor([1.0, 1.78]))
+    finally:
+        engine.detach()
