@@ -146,6 +146,22 @@ def _set_pooling(model: PreTrainedModel, pooling: str) -> None:
     encoder.pooler = FirstTokenPooler()
 
 
+def _zero_head(model: PreTrainedModel) -> None:
+    """Start the new classification head at zero (as LoRA starts B at zero).
+
+    Every record then starts at equal logits, and the first (class-weighted) steps move the
+    head along the difference between class means. A random head adds an arbitrary offset
+    that a few dozen noisy DP steps cannot undo: every DP run we measured with it predicted
+    the majority class only.
+    """
+    for name in HEAD_MODULES:
+        head = getattr(model, name, None)
+        if head is not None:
+            for param in head.parameters():
+                nn.init.zeros_(param)
+            return
+
+
 def load_tokenizer(cfg: DictConfig) -> PreTrainedTokenizerBase:
     tok = AutoTokenizer.from_pretrained(model_source(cfg))
     if tok.pad_token is None:
@@ -160,7 +176,7 @@ def load_base(cfg: DictConfig, num_labels: int | None) -> PreTrainedModel:
     kwargs: dict = {"dtype": torch.float32}
     if quant is not None:
         kwargs.update(quantization_config=quant, device_map=device.type)
-    # The head is new (random) and must start identical on every client and the server.
+    # Seeded, so anything random in loading is identical on every client and the server.
     torch.manual_seed(int(cfg.lora.init_seed))
     source = model_source(cfg)
     if cfg.model.task == "classification":
@@ -173,6 +189,7 @@ def load_base(cfg: DictConfig, num_labels: int | None) -> PreTrainedModel:
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     if cfg.model.task == "classification":
         _set_pooling(model, str(cfg.model.pooling))
+        _zero_head(model)
     if cfg.model.keep_layers is not None:
         _truncate_layers(model, int(cfg.model.keep_layers))
     if quant is None:

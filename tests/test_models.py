@@ -114,16 +114,17 @@ def test_ffa_models_built_independently_share_a_and_head(make_cfg):
         assert torch.equal(a[name], b[name]), name
     for suffix in ("weight", "bias"):
         assert torch.equal(a[HEAD + suffix], b[HEAD + suffix])
-    assert torch.count_nonzero(a[HEAD + "weight"]) > 0
-    # a different seed gives a different A and head: the equality above is not trivial
+    # a different seed gives a different A: the equality above is not trivial
     c = dict(build_model(make_cfg("lora=ffa", "lora.init_seed=1"), 2).named_parameters())
     assert all(not torch.equal(a[n], c[n]) for n in lora_a)
-    assert not torch.equal(a[HEAD + "weight"], c[HEAD + "weight"])
 
 
-def test_head_copy_starts_from_the_seeded_head(make_cfg):
+def test_head_starts_at_zero(make_cfg):
+    """A zero head: equal logits for every record at the start, no arbitrary class offset."""
     model = build_model(make_cfg(), 2)
     params = dict(model.named_parameters())
+    for suffix in ("weight", "bias"):
+        assert torch.count_nonzero(params[HEAD + suffix]) == 0
     assert torch.equal(params[HEAD + "weight"], params["base_model.model.classifier.original_module.weight"])
 
 
@@ -178,7 +179,7 @@ def test_quantized_model_runs_forward_and_backward_on_cpu(make_cfg, quantized):
     batch = tokenizer(["good applicant", "no income, prior default"], padding=True, return_tensors="pt")
     logits = model(**batch).logits
     assert logits.shape == (2, 2) and torch.isfinite(logits).all()
-    logits.sum().backward()
+    torch.nn.functional.cross_entropy(logits, torch.tensor([0, 1])).backward()
     grads = {n: p.grad for n, p in _trainable(model).items()}
     assert grads[HEAD + "weight"] is not None and torch.count_nonzero(grads[HEAD + "weight"]) > 0
     assert all(g is not None for n, g in grads.items() if ".lora_B." in n)
