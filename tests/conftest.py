@@ -26,3 +26,14 @@ def make_cfg():
         return cfg
 
     return _make
+
+
+@pytest.fixture
+def task_identity():
+    """Messages built outside the runtime take run/node/task ids from TaskIdentity (internal API)."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 7, 0, 1
+    yield
+    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved

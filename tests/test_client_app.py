@@ -15,7 +15,6 @@ import pandas as pd
 import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 
 from fed_dp_lora.client_app import LEDGER_KEY, REFUSED_BUDGET, REFUSED_CONFIG, app
 from fed_dp_lora.config import load_config
@@ -29,13 +28,7 @@ FIXED_NOISE = f"{FAST} privacy.noise_multiplier=1.0 rounds=3"
 SIM_NODE = {"partition-id": 0, "num-partitions": 3}
 
 
-@pytest.fixture(autouse=True)
-def task_identity():
-    """Messages built outside the runtime take run/node/task ids from TaskIdentity."""
-    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 7, 0, 1
-    yield
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+pytestmark = pytest.mark.usefixtures("task_identity")
 
 
 def run_config(overrides: str) -> dict:

@@ -7,7 +7,6 @@ through the engine or Opacus.
 from __future__ import annotations
 
 import math
-import warnings
 from types import SimpleNamespace
 
 import pandas as pd

@@ -18,7 +18,6 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.supercore.logger import FLOWER_LOGGER
-from flwr.supercore.task_identity import TaskIdentity
 
 from fed_dp_lora.client_app import LEDGER_KEY, REFUSED_BUDGET, REFUSED_CONFIG
 from fed_dp_lora.client_app import app as client_app
@@ -76,13 +75,7 @@ class InProcessGrid(Grid):
         return self.pull_messages(self.push_messages(messages))
 
 
-@pytest.fixture(autouse=True)
-def task_identity():
-    """Messages built outside the runtime take run/node/task ids from TaskIdentity."""
-    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 7, 0, 1
-    yield
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+pytestmark = pytest.mark.usefixtures("task_identity")
 
 
 @pytest.fixture
