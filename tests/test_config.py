@@ -41,7 +41,8 @@ def test_groups_select_their_options(make_cfg):
     cfg = make_cfg("model=smollm2", "lora=ffa", "privacy=none", "data=file")
     assert cfg.model.task == "causal-lm" and cfg.model.name == "smollm2"
     assert cfg.lora.mode == "ffa" and cfg.lora.r == 8  # ffa inherits vanilla's keys
-    assert cfg.privacy.enabled is False and cfg.privacy.clip_norm == 1.0
+    # privacy=none inherits every other privacy key from privacy=dp
+    assert cfg.privacy.enabled is False and cfg.privacy.clip_norm == compose_config([]).privacy.clip_norm
     assert cfg.data.source == "file" and cfg.data.class_weights is None
 
 

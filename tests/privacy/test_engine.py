@@ -96,12 +96,12 @@ def test_clipped_sum_matches_one_record_at_a_time(make_cfg, overrides):
         import bitsandbytes as bnb
 
         assert any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
-    # B starts at zero, which would make every lora_A gradient zero: move it off zero so that
-    # every trainable tensor has a non-trivial per-sample gradient.
+    # B and the head start at zero, which would make every LoRA gradient zero: move them off
+    # zero so that every trainable tensor has a non-trivial per-sample gradient.
     with torch.no_grad():
         gen = torch.Generator().manual_seed(1)
         for name, p in params.items():
-            if "lora_B" in name:
+            if "lora_B" in name or name in (HEAD_WEIGHT, HEAD_BIAS):
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
     weights = _weights(cfg)
     # A previous round on the same (cached) model: its engine must leave no hook or
