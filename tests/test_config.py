@@ -51,7 +51,7 @@ def test_load_config_reads_overrides_from_the_run_config():
     assert cfg.privacy.epsilon == 2 and cfg.lora.r == 16
     assert cfg.output_dir is None
     # untouched keys keep their defaults
-    assert cfg.lora.alpha == 16 and cfg.rounds == 4
+    assert cfg.lora.alpha == 16 and cfg.rounds == compose_config([]).rounds
 
 
 def test_load_config_quoted_list_override():
