@@ -20,10 +20,9 @@ def _finite(value: float) -> float | str:
 class RunReport:
     """Collects what the server sees each round and writes summary.json after every round."""
 
-    def __init__(self, out_dir: Path, config: dict[str, Any], task: str) -> None:
+    def __init__(self, out_dir: Path, config: dict[str, Any]) -> None:
         self.out_dir = out_dir
         self.config = config
-        self.task = task
         self.rounds: list[dict[str, Any]] = []
         self.clients: dict[str, dict[str, float]] = {}  # latest privacy figures per client
         self.majority_baseline: dict[str, float] | None = None

@@ -31,7 +31,7 @@ def main(grid: Grid, context: Context) -> None:
     out = output_dir(cfg.output_dir)
     cfg.output_dir = str(out)
     log(INFO, "fed-dp-lora: outputs go to %s", out)
-    report = RunReport(out, to_plain(cfg), str(cfg.model.task))
+    report = RunReport(out, to_plain(cfg))
     central = CentralEvaluator(cfg)
     report.majority_baseline = central.majority
     if central.majority:

@@ -94,7 +94,7 @@ def flwr_log():
 
 
 def make_report(tmp_path, cfg) -> RunReport:
-    return RunReport(tmp_path, to_plain(cfg), str(cfg.model.task))
+    return RunReport(tmp_path, to_plain(cfg))
 
 
 def run_strategy(strategy: AdapterFedAvg, grid: InProcessGrid, initial: dict, rounds: int = 1):
