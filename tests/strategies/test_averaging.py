@@ -10,69 +10,25 @@ from __future__ import annotations
 import io
 import json
 import logging
-from typing import Callable, Iterable
 
 import numpy as np
 import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
-from flwr.serverapp import Grid
 from flwr.supercore.logger import FLOWER_LOGGER
 
 from fed_dp_lora.client_app import LEDGER_KEY, REFUSED_BUDGET, REFUSED_CONFIG
 from fed_dp_lora.client_app import app as client_app
 from fed_dp_lora.config import load_config, resolve_delta, to_plain
+from fed_dp_lora.experiments.inprocess import Handler, InProcessGrid
 from fed_dp_lora.local_round import cached_model, client_data
 from fed_dp_lora.models import build_model, load_trainable_state, trainable_state
 from fed_dp_lora.privacy.accountant import PrivacyLedger
 from fed_dp_lora.report import RunReport
 from fed_dp_lora.strategies.averaging import AdapterFedAvg, build_strategy
 
-Handler = Callable[[Message], Message]
 # One Poisson step on an expected batch of 16 per round, fixed noise (no calibration).
 FAST = "+preset=tiny train.batch_size=16 train.epochs=0.001 privacy.noise_multiplier=1.0"
-
-
-class InProcessGrid(Grid):
-    """A Grid whose nodes are handlers in this process; keeps every message and reply."""
-
-    def __init__(self, handlers: dict[int, Handler]) -> None:
-        self.handlers = handlers
-        self.sent: list[Message] = []
-        self.replies: list[Message] = []
-        self._pending: dict[str, Message] = {}
-        self._run = None
-
-    def set_run(self, run) -> None:
-        self._run = run
-
-    @property
-    def run(self):
-        return self._run
-
-    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None) -> Message:
-        return Message(content, dst_node_id=dst_node_id, message_type=message_type,
-                       group_id=group_id, ttl=ttl)
-
-    def get_node_ids(self) -> Iterable[int]:
-        return list(self.handlers)
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        ids = []
-        for msg in messages:
-            self.sent.append(msg)
-            message_id = f"msg-{len(self.sent)}"
-            self._pending[message_id] = self.handlers[msg.metadata.dst_node_id](msg)
-            ids.append(message_id)
-        return ids
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        out = [self._pending.pop(i) for i in message_ids]
-        self.replies.extend(out)
-        return out
-
-    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None):
-        return self.pull_messages(self.push_messages(messages))
 
 
 pytestmark = pytest.mark.usefixtures("task_identity")

@@ -1,0 +1,1 @@
+"""Drivers above the app: in-process federations for sweeps, audits and tests."""
