@@ -26,6 +26,7 @@ class RunReport:
         self.rounds: list[dict[str, Any]] = []
         self.clients: dict[str, dict[str, float]] = {}  # latest privacy figures per client
         self.majority_baseline: dict[str, float] | None = None
+        self.audit: dict[str, Any] | None = None
         self.started = time.time()
         out_dir.mkdir(parents=True, exist_ok=True)
 
@@ -71,6 +72,14 @@ class RunReport:
             f" | {entry.get('seconds', 0):.0f}s"
         )
 
+    def claim(self) -> tuple[float | None, float]:
+        """(largest client epsilon, largest client delta) as claimed; (None, 0) with privacy off."""
+        eps = [m["epsilon"] for m in self.clients.values() if "epsilon" in m]
+        deltas = [m["delta"] for m in self.clients.values() if "delta" in m]
+        if not self.config["privacy"]["enabled"] or not eps:
+            return None, 0.0
+        return max(eps), max(deltas)
+
     def summary(self) -> dict[str, Any]:
         privacy = self.config["privacy"]
         per_client = lambda key: {n: m[key] for n, m in sorted(self.clients.items()) if key in m}  # noqa: E731
@@ -92,6 +101,7 @@ class RunReport:
                 "sample_rate": per_client("sample-rate"),
                 "steps": per_client("steps-total"),
                 "clip_norm": privacy["clip_norm"],
+                **({"audit": self.audit} if self.audit is not None else {}),
             },
             "communication": {
                 "up": sum(r["bytes"]["up"] for r in self.rounds),

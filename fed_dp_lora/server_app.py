@@ -10,10 +10,13 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
+from fed_dp_lora.canary_audit import CanaryAudit
 from fed_dp_lora.central import CentralEvaluator
 from fed_dp_lora.config import load_config, to_plain
 from fed_dp_lora.report import RunReport
+from fed_dp_lora.report_page import write_report
 from fed_dp_lora.strategies import build_strategy
+from fed_dp_lora.tracking import make_tracker
 
 app = ServerApp()
 
@@ -32,7 +35,11 @@ def main(grid: Grid, context: Context) -> None:
     cfg.output_dir = str(out)
     log(INFO, "fed-dp-lora: outputs go to %s", out)
     report = RunReport(out, to_plain(cfg))
+    tracker = make_tracker(str(cfg.tracking.backend), out)
+    tracker.log_config(report.config)
     central = CentralEvaluator(cfg)
+    initial = central.initial_state()
+    audit = CanaryAudit(cfg, central, initial) if cfg.audit.enabled else None
     report.majority_baseline = central.majority
     if central.majority:
         log(INFO, "Majority-class baseline on the central test set: %s", central.majority)
@@ -44,15 +51,22 @@ def main(grid: Grid, context: Context) -> None:
             central.save_adapter(state, out / "adapters" / f"round-{server_round}")
             report.record_eval(server_round, metrics)
             report.write()
+            tracker.log_round(report.rounds[-1])
             log(INFO, report.progress_line(server_round, int(cfg.rounds)))
         return MetricRecord(metrics)
 
     strategy = build_strategy(cfg, report)
-    strategy.start(
+    result = strategy.start(
         grid=grid,
-        initial_arrays=ArrayRecord(central.initial_state()),
+        initial_arrays=ArrayRecord(initial),
         num_rounds=int(cfg.rounds),
         train_config=ConfigRecord(),
         evaluate_fn=evaluate_fn,
     )
+    if audit is not None:
+        report.audit = audit.result(result.arrays.to_torch_state_dict(), *report.claim())
+        log(INFO, "Privacy audit: epsilon lower bound %.3f at %.0f%% confidence (claimed: %s)",
+            report.audit["epsilon_lower"], 100 * report.audit["confidence"], report.audit["claimed_epsilon"])
+    tracker.close()
     log(INFO, "fed-dp-lora: summary written to %s", report.write())
+    log(INFO, "fed-dp-lora: report written to %s", write_report(report.summary(), out)[1])
