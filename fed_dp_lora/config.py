@@ -68,7 +68,7 @@ def _choice(cfg: DictConfig, key: str, allowed: tuple[str, ...]) -> None:
 # key instead of a bare ValueError from int(), and `lora.r=2.5` is not silently truncated.
 _INTEGERS = {"seed": False, "rounds": False, "model.keep_layers": True, "lora.r": False,
              "lora.init_seed": False, "train.batch_size": False, "train.max_length": False,
-             "eval.batch_size": False, "audit.canaries": False, "audit.seed": False}
+             "eval.batch_size": False, "eval.interval": False, "audit.canaries": False, "audit.seed": False}
 _FLOATS = {"lora.alpha": False, "lora.dropout": False, "data.test_fraction": False,
            "data.dirichlet_alpha": False, "privacy.epsilon": True, "privacy.delta": True,
            "privacy.noise_multiplier": True, "privacy.clip_norm": False, "train.epochs": False,
@@ -192,6 +192,7 @@ def validate(cfg: DictConfig) -> None:
     _choice(cfg, "train.device", ("auto", "cpu", "cuda"))
     _require(int(cfg.train.max_length) >= 8, "train.max_length", "must be >= 8", "e.g. 64")
     _require(int(cfg.eval.batch_size) >= 1, "eval.batch_size", "must be >= 1", "e.g. 256")
+    _require(int(cfg.eval.interval) >= 1, "eval.interval", "must be >= 1", "e.g. 1 (every round)")
     _choice(cfg, "strategy.name", ("fedavg",))
     _require(
         0.0 < float(cfg.strategy.fraction_train) <= 1.0,

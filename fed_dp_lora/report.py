@@ -44,6 +44,7 @@ class RunReport:
         self.rounds.append(
             {
                 "round": server_round,
+                "seconds": round(time.time() - self.started, 1),
                 "clients": clients,
                 "failures": failures,
                 "bytes": {"up": bytes_up, "down": bytes_down},
@@ -56,7 +57,6 @@ class RunReport:
         if entry is None:
             return  # round 0: the initial adapter, before any training
         entry["metrics"] = metrics
-        entry["seconds"] = round(time.time() - self.started, 1)
 
     def progress_line(self, server_round: int, total_rounds: int) -> str:
         """One line a person reads: round, metrics, worst client epsilon, bytes, time."""

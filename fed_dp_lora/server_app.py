@@ -44,22 +44,27 @@ def main(grid: Grid, context: Context) -> None:
     if central.majority:
         log(INFO, "Majority-class baseline on the central test set: %s", central.majority)
 
-    def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+    rounds, interval = int(cfg.rounds), int(cfg.eval.interval)
+
+    def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         state = arrays.to_torch_state_dict()
-        metrics = central.evaluate(state)
+        # Round 0 (the initial adapter) is evaluated only when every round is.
+        evaluated = server_round == rounds or server_round % interval == 0 and (server_round > 0 or interval == 1)
+        metrics = central.evaluate(state) if evaluated else None
         if server_round > 0:
             central.save_adapter(state, out / "adapters" / f"round-{server_round}")
-            report.record_eval(server_round, metrics)
+            if metrics is not None:
+                report.record_eval(server_round, metrics)
             report.write()
             tracker.log_round(report.rounds[-1])
-            log(INFO, report.progress_line(server_round, int(cfg.rounds)))
-        return MetricRecord(metrics)
+            log(INFO, report.progress_line(server_round, rounds))
+        return None if metrics is None else MetricRecord(metrics)
 
     strategy = build_strategy(cfg, report)
     result = strategy.start(
         grid=grid,
         initial_arrays=ArrayRecord(initial),
-        num_rounds=int(cfg.rounds),
+        num_rounds=rounds,
         train_config=ConfigRecord(),
         evaluate_fn=evaluate_fn,
     )

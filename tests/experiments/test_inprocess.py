@@ -9,7 +9,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from fed_dp_lora.experiments.inprocess import run_federation
 
 TINY = ("+preset=tiny rounds=2 train.batch_size=16 train.epochs=0.02 privacy.noise_multiplier=1.0 "
-        "audit.enabled=true audit.canaries=40 tracking.backend=tensorboard")
+        "audit.enabled=true audit.canaries=40 tracking.backend=tensorboard eval.interval=2")
 
 
 def test_run_writes_audit_report_and_tracker(tmp_path):
@@ -33,6 +33,8 @@ def test_run_writes_audit_report_and_tracker(tmp_path):
 
     events = EventAccumulator(str(tmp_path / "tensorboard"))
     events.Reload()
-    rounds = [e.step for e in events.Scalars("eval/balanced_accuracy")]
-    assert rounds == [1, 2]
+    # eval.interval=2: round 1 is trained and reported without central metrics, round 2 evaluated.
+    assert "metrics" not in summary["rounds"][0] and "balanced_accuracy" in summary["rounds"][1]["metrics"]
+    assert [e.step for e in events.Scalars("eval/balanced_accuracy")] == [2]
+    assert [e.step for e in events.Scalars("bytes/up")] == [1, 2]
     assert {f"epsilon/{c}" for c in eps} <= set(events.Tags()["scalars"])
