@@ -32,7 +32,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 ROOT = Path(__file__).resolve().parent.parent
 # The sweep's size: the default credit task and model, cut to what this 2-core machine runs
 # in about an hour (see README "Results" for what it means for the numbers).
-BASE = ("model.keep_layers=1 train.max_length=32 rounds=3 train.epochs=0.34 train.lr=0.01 eval.interval=3 "
+BASE = ("model.keep_layers=1 model.pooling=mean train.max_length=32 rounds=3 train.epochs=0.34 train.lr=0.01 eval.interval=3 "
         "strategy.min_available_clients=1 strategy.min_train_clients=1")
 FEDERATED_CLIENTS = 3
 FIELDS = ["group", "setting", "clients", "target_epsilon", "lora", "rank", "partitioner", "alpha", "seed",
