@@ -18,6 +18,7 @@ from typing import Any, Mapping
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from fed_dp_lora.attacks import attack, is_malicious
 from fed_dp_lora.config import ConfigError, resolve_delta
 from fed_dp_lora.data import client_partition, holdout_split, label_names, load_table
 from fed_dp_lora.models import build_model, load_tokenizer, load_trainable_state, trainable_state
@@ -141,4 +142,8 @@ def train_round(
         ledger.record(engine.noise_multiplier, rate, stats.steps)  # type: ignore[attr-defined]
         metrics.update({"epsilon": ledger.epsilon(), "steps-total": ledger.steps})
     metrics.update({"steps": stats.steps, "train-loss": stats.mean_loss, "empty-batches": stats.empty_batches})
-    return RoundResult(trainable_state(model), metrics, ledger.to_dict() if ledger else None)
+    state = trainable_state(model)
+    if is_malicious(cfg, node_config):
+        # A simulated attacker: it trained (and spent budget) like everyone, then lies.
+        state = attack(str(cfg.attack.kind), global_state, state, float(cfg.attack.scale))
+    return RoundResult(state, metrics, ledger.to_dict() if ledger else None)

@@ -11,6 +11,10 @@ from typing import Any
 from fed_dp_lora.privacy.accountant import ACCOUNTANT_NAMES
 
 PRIVACY_UNIT = "record: one row (one sequence) of one client's data; epsilon is per client"
+USER_PRIVACY_UNIT = (
+    "client: one institution's whole contribution (all its records, every round); neighbouring "
+    "runs differ by one client's update being replaced by none"
+)
 
 
 def _finite(value: float) -> float | str:
@@ -26,6 +30,7 @@ class RunReport:
         self.rounds: list[dict[str, Any]] = []
         self.clients: dict[str, dict[str, float]] = {}  # latest privacy figures per client
         self.majority_baseline: dict[str, float] | None = None
+        self.user_level: dict[str, Any] | None = None  # set by DP-FedAvg: the user-level guarantee
         self.started = time.time()
         out_dir.mkdir(parents=True, exist_ok=True)
 
@@ -49,6 +54,11 @@ class RunReport:
                 "epsilon": {n: _finite(m["epsilon"]) for n, m in clients.items() if "epsilon" in m},
             }
         )
+
+    def record_strategy(self, server_round: int, info: dict[str, Any]) -> None:
+        """What the strategy decided in a recorded round (selected clients, clip norm, noise)."""
+        entry = next(r for r in self.rounds if r["round"] == server_round)
+        entry.setdefault("strategy", {}).update(info)
 
     def record_eval(self, server_round: int, metrics: dict[str, float]) -> None:
         entry = next((r for r in self.rounds if r["round"] == server_round), None)
@@ -92,6 +102,7 @@ class RunReport:
                 "sample_rate": per_client("sample-rate"),
                 "steps": per_client("steps-total"),
                 "clip_norm": privacy["clip_norm"],
+                "user_level": self.user_level or {"enabled": False, "unit": USER_PRIVACY_UNIT},
             },
             "communication": {
                 "up": sum(r["bytes"]["up"] for r in self.rounds),
