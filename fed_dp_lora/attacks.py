@@ -38,7 +38,7 @@ def attack(
     sign-flip: global - scale * (local - global), the update reversed and amplified;
     gaussian: global + N(0, scale^2) per coordinate, no training signal;
     constant: global + scale in every coordinate, a large update of fixed direction;
-    nan: the local adapter with NaN in every tensor; wrong-shape: the first tensor loses a row.
+    non-finite: the local adapter with a NaN and an Inf in every tensor; wrong-shape: the first tensor loses a row.
     """
     keys = list(local_state)
     if kind == "sign-flip":
@@ -47,10 +47,11 @@ def attack(
         return {k: global_state[k] + scale * torch.randn_like(global_state[k]) for k in keys}
     if kind == "constant":
         return {k: global_state[k] + scale for k in keys}
-    if kind == "nan":
+    if kind == "non-finite":
         out = {k: v.clone() for k, v in local_state.items()}
         for v in out.values():
             v.view(-1)[0] = float("nan")
+            v.view(-1)[-1] = float("inf")
         return out
     if kind == "wrong-shape":
         out = dict(local_state)

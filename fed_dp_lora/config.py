@@ -86,7 +86,7 @@ _STRATEGY_FLOATS = {"strategy.beta": False, "strategy.sample_rate": True, "strat
 STRATEGIES = ("fedavg", "dp-fedavg", "krum", "multi-krum", "trimmed-mean", "median")
 # Aggregators that need every individual update: they cannot run under SecAgg+.
 ROBUST_STRATEGIES = ("krum", "multi-krum", "trimmed-mean", "median")
-ATTACKS = ("sign-flip", "gaussian", "constant", "nan", "wrong-shape")
+ATTACKS = ("sign-flip", "gaussian", "constant", "non-finite", "wrong-shape")
 
 
 def _check_numbers(cfg: DictConfig) -> None:
@@ -283,7 +283,7 @@ def _validate_strategy(cfg: DictConfig) -> None:
         "use fixed clipping (strategy.adaptive=false) with secagg=true",
     )
     _require(
-        float(a.fraction) == 0.0 or a.kind not in ("nan", "wrong-shape"),
+        float(a.fraction) == 0.0 or a.kind not in ("non-finite", "wrong-shape"),
         "attack.kind",
         f"{a.kind} updates cannot be rejected under SecAgg+: the server never sees an individual "
         "update (and a wrong-shape vector aborts the protocol)",

@@ -73,13 +73,13 @@ class AdapterTrimmedMean(CheckedAggregation, FedTrimmedAvg):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        replies = list(replies)
-        cut = int(self.beta * sum(1 for r in replies if not r.has_error()))
-        if cut == 0:
-            log(WARNING, "Round %d: trimmed mean with beta=%g trims nothing from %d replies",
-                server_round, self.beta, len(replies))
-        self.report.record_strategy(server_round, {"trimmed_per_tail_at_most": cut})
-        return super().aggregate_train(server_round, replies)
+        accepted = self.screen(server_round, list(replies))
+        cut = int(self.beta * len(accepted))
+        if accepted and cut == 0:
+            log(WARNING, "Round %d: trimmed mean with beta=%g trims nothing from %d updates",
+                server_round, self.beta, len(accepted))
+        self.report.record_strategy(server_round, {"trimmed_per_tail": cut})
+        return FedTrimmedAvg.aggregate_train(self, server_round, accepted)
 
 
 class AdapterMedian(CheckedAggregation, FedMedian):
