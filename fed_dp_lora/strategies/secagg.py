@@ -56,11 +56,10 @@ MAX_AGGREGATE_NORM = 1e6  # the same "absurd norm" bound wire.update_problem app
 
 
 def masked_upload_bytes(shapes: list[tuple[int, ...]]) -> int:
-    """Bytes of one client's masked vector as secaggplus_mod serializes it (int64 .npy arrays,
-    the weight factor prepended to the first); key exchange messages are not counted."""
-    sizes = [int(np.prod(s)) for s in shapes]
-    sizes[0] += 1
-    return sum(len(ndarray_to_bytes(np.zeros(n, dtype=np.int64))) for n in sizes)
+    """Bytes of one client's masked vector as secaggplus_mod serializes it (the weight factor as
+    a one-element array, then every tensor as int64 .npy); key exchange messages not counted."""
+    arrays = [np.zeros(1, dtype=np.int64)] + [np.zeros(s, dtype=np.int64) for s in shapes]
+    return sum(len(ndarray_to_bytes(a)) for a in arrays)
 
 
 class SecAggAdapterStrategy(LegacyFedAvg):
