@@ -74,6 +74,9 @@ class RunReport:
         metrics = " ".join(f"{k}={entry['metrics'][k]:.4f}" for k in shown if k in entry.get("metrics", {}))
         eps = [m["epsilon"] for m in self.clients.values() if "epsilon" in m]
         eps_text = f"max client epsilon={max(eps):.3f}" if eps else "privacy off"
+        if self.user_level is not None:
+            user = self.user_level["epsilon"]
+            eps_text += f" | user epsilon={user:.3f}" if isinstance(user, float) else f" | user epsilon={user}"
         failed = f" failed={len(entry['failures'])}" if entry["failures"] else ""
         return (
             f"[round {server_round}/{total_rounds}] {metrics} | {eps_text} | clients={len(entry['clients'])}"

@@ -191,3 +191,12 @@ def test_sampled_clients_follow_the_configured_poisson_rate(tmp_path, make_cfg):
     assert all(r["strategy"]["denominator"] == 10.0 for r in report.rounds)  # q N, not the realised count
     assert len(set(sampled)) > 1  # independent inclusion: the sample size varies
     assert 0.15 < np.mean(sampled) / 40 < 0.35  # 200 Bernoulli(0.25) draws
+
+
+def test_progress_line_shows_the_user_level_epsilon(tmp_path, make_cfg):
+    grid = InProcessGrid({n: reply_with(filled(REFERENCE, 0.1)) for n in range(1, 3)})
+    strat, report = dp_strategy(tmp_path, make_cfg, "strategy.noise_multiplier=2.0")
+    run_strategy(strat, grid, REFERENCE)
+    report.record_eval(1, {"balanced_accuracy": 0.5})
+    eps = report.summary()["privacy"]["user_level"]["epsilon"]
+    assert f"user epsilon={eps:.3f}" in report.progress_line(1, 1)
