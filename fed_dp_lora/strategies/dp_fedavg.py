@@ -8,20 +8,22 @@ and add the result to the global adapter. One client changes the sum by at most 
 round is a Gaussian mechanism with noise multiplier z, accounted over rounds by the RDP
 accountant of the subsampled Gaussian (`PrivacyLedger`, history (z, q, 1) per round).
 
-Why not Flower's DifferentialPrivacyServerSide* wrappers around FedAvg:
-- they add noise of std z C / m to FedAvg's *num-examples-weighted* mean, whose sensitivity
-  is C times the largest weight share, not C / m (and the weights are themselves private);
-- they divide by however many replies arrived, and skip the whole round on any error reply
-  (one budget refusal or dropout stops training for everybody);
+Why not Flower's DifferentialPrivacyServerSide* wrappers around FedAvg (as read in flwr 1.41):
+- they add N(0, (z C / m)^2) to FedAvg's num-examples-*weighted* mean of the replies that
+  arrived, whose sensitivity is C times the largest weight share, not C / m (and the weights
+  are themselves private);
+- they skip the whole round on any error reply (one budget refusal or dropout stops training
+  for everybody);
 - their accountant only supports sampling without amplification, so Poisson client sampling
   cannot be accounted;
-- the adaptive wrapper sums uncentred clipped-bits (sensitivity 1) yet splits the noise as if
-  the sensitivity were 1/2, and moves the clip norm the wrong way (it shrinks C when most
-  updates are clipped).
+- the adaptive wrapper counts *clipped* updates but applies Andrew et al.'s rule written for
+  the *unclipped* fraction (so C shrinks when most updates are clipped), and splits the noise
+  as if the count's sensitivity were 1/2 while summing uncentred bits (sensitivity 1).
 Here every accepted update has weight 1, rejected or missing clients contribute zero (still
 within sensitivity C), the denominator is fixed, and adaptive clipping follows Andrew et al.
-2021 with centred bits. Flower's noise/clipping helpers are not reused because they work on
-the weighted aggregate.
+2021 with centred bits. Clipping is `privacy.user_level.clip_update` (by tensor name, in
+float64) rather than Flower's list-based float32 `compute_clip_model_update`, because the same
+function clips on the clients under SecAgg+.
 """
 
 from __future__ import annotations
