@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 from omegaconf import DictConfig
 
 from fed_dp_lora.config import ConfigError
 from fed_dp_lora.data import holdout_split, label_names, load_table
 from fed_dp_lora.models import build_model, load_tokenizer, load_trainable_state, trainable_state
-from fed_dp_lora.training import evaluate, majority_baseline, encode
+from fed_dp_lora.training import Encoded, encode, evaluate, majority_baseline, record_losses
 
 
 def central_test_table(cfg: DictConfig):
@@ -46,6 +47,10 @@ class CentralEvaluator:
     def evaluate(self, state: dict[str, torch.Tensor]) -> dict[str, float]:
         load_trainable_state(self.model, state)
         return evaluate(self.model, self.test, int(self.cfg.eval.batch_size))
+
+    def losses(self, state: dict[str, torch.Tensor], data: Encoded) -> np.ndarray:
+        load_trainable_state(self.model, state)
+        return record_losses(self.model, data, int(self.cfg.eval.batch_size))
 
     def save_adapter(self, state: dict[str, torch.Tensor], folder: Path) -> None:
         """A PEFT adapter folder: PeftModel.from_pretrained(base, folder) loads it."""

@@ -68,11 +68,12 @@ def _choice(cfg: DictConfig, key: str, allowed: tuple[str, ...]) -> None:
 # key instead of a bare ValueError from int(), and `lora.r=2.5` is not silently truncated.
 _INTEGERS = {"seed": False, "rounds": False, "model.keep_layers": True, "lora.r": False,
              "lora.init_seed": False, "train.batch_size": False, "train.max_length": False,
-             "eval.batch_size": False}
+             "eval.batch_size": False, "eval.interval": False, "audit.canaries": False, "audit.seed": False}
 _FLOATS = {"lora.alpha": False, "lora.dropout": False, "data.test_fraction": False,
            "data.dirichlet_alpha": False, "privacy.epsilon": True, "privacy.delta": True,
            "privacy.noise_multiplier": True, "privacy.clip_norm": False, "train.epochs": False,
-           "train.lr": False, "strategy.fraction_train": False, "attack.fraction": False,
+           "train.lr": False, "strategy.fraction_train": False, "audit.guess_fraction": False,
+           "audit.confidence": False, "attack.fraction": False,
            "attack.scale": False, "secaggplus.clipping_range": False, "secaggplus.max_weight": False,
            "secaggplus.timeout": True}
 # Strategy keys that exist only in some strategy files: checked when present.
@@ -112,6 +113,7 @@ def _check_numbers(cfg: DictConfig) -> None:
 def validate(cfg: DictConfig) -> None:
     """Check every key that does not need the data; raise ConfigError naming key and fix."""
     _check_numbers(cfg)
+    _validate_outputs(cfg)
     _choice(cfg, "model.task", ("classification", "causal-lm"))
     _require(
         str(cfg.model.quantization) in ("none", "4", "8"),
@@ -125,7 +127,7 @@ def validate(cfg: DictConfig) -> None:
         "must be at least 1",
         "set a positive layer count or null",
     )
-    _choice(cfg, "model.pooling", ("model", "cls"))
+    _choice(cfg, "model.pooling", ("model", "cls", "mean"))
     _choice(cfg, "lora.mode", ("vanilla", "ffa"))
     _require(int(cfg.lora.r) >= 1, "lora.r", f"rank {cfg.lora.r} < 1", "use a rank of 1 or more")
     _require(float(cfg.lora.alpha) > 0, "lora.alpha", "must be > 0", "e.g. lora.alpha=16")
@@ -208,6 +210,7 @@ def validate(cfg: DictConfig) -> None:
     _choice(cfg, "train.device", ("auto", "cpu", "cuda"))
     _require(int(cfg.train.max_length) >= 8, "train.max_length", "must be >= 8", "e.g. 64")
     _require(int(cfg.eval.batch_size) >= 1, "eval.batch_size", "must be >= 1", "e.g. 256")
+    _require(int(cfg.eval.interval) >= 1, "eval.interval", "must be >= 1", "e.g. 1 (every round)")
     _validate_strategy(cfg)
     if cfg.output_dir is not None:
         _require(
@@ -216,6 +219,25 @@ def validate(cfg: DictConfig) -> None:
             f"{cfg.output_dir!r} is not an absolute path",
             "pass an absolute path: -c 'output-dir=\"/abs/path\"'",
         )
+
+
+def _validate_outputs(cfg: DictConfig) -> None:
+    """The audit and the tracker: what a run measures and writes besides the adapter."""
+    a = cfg.audit
+    _require(int(a.canaries) >= 2, "audit.canaries", "must be at least 2", "e.g. audit.canaries=500")
+    _require(
+        0.0 < float(a.guess_fraction) <= 1.0 and int(int(a.canaries) * float(a.guess_fraction)) >= 2,
+        "audit.guess_fraction",
+        f"{a.guess_fraction} of {a.canaries} canaries leaves fewer than 2 guesses",
+        "use a fraction in (0, 1] with canaries * fraction >= 2, e.g. 0.2",
+    )
+    _require(
+        0.5 <= float(a.confidence) < 1.0,
+        "audit.confidence",
+        f"{a.confidence} is not in [0.5, 1)",
+        "e.g. audit.confidence=0.95",
+    )
+    _choice(cfg, "tracking.backend", ("none", "tensorboard"))
 
 
 def _validate_strategy(cfg: DictConfig) -> None:

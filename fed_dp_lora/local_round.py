@@ -15,12 +15,14 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any, Mapping
 
+import pandas as pd
 import torch
 from omegaconf import DictConfig, OmegaConf
 
 from fed_dp_lora.attacks import attack, is_malicious
 from fed_dp_lora.config import ConfigError, resolve_delta
 from fed_dp_lora.data import client_partition, holdout_split, label_names, load_table
+from fed_dp_lora.data.canaries import canary_words, client_canaries
 from fed_dp_lora.models import build_model, load_tokenizer, load_trainable_state, trainable_state
 from fed_dp_lora.privacy.accountant import PrivacyLedger, calibrate_noise
 from fed_dp_lora.privacy.engine import GradientEngine, PrivateGradientEngine
@@ -58,21 +60,35 @@ def _cached_client_data(key: str, data_path: str | None, partition: tuple[int, i
     else:
         train, _ = holdout_split(load_table(cfg), cfg)
         table = client_partition(train, cfg, *partition)
-    return encode(table, load_tokenizer(cfg), cfg)
+    tokenizer = load_tokenizer(cfg)
+    if cfg.audit.enabled:
+        num_labels = len(label_names(cfg)) if cfg.model.task == "classification" else None
+        words = canary_words(tokenizer.get_vocab())
+        table = pd.concat([table, client_canaries(cfg, num_labels, words, *partition)], ignore_index=True)
+    return encode(table, tokenizer, cfg)
 
 
 def client_data(cfg: DictConfig, node_config: Mapping[str, Any]) -> Encoded:
-    """This client's tokenized records: `data-path` in deployment, a partition in simulation."""
-    key = _key(cfg, "model", "data", "train", "seed")
+    """This client's tokenized records: `data-path` in deployment, a partition in simulation.
+
+    With the audit on, the client's included canaries are added to its records.
+    """
+    key = _key(cfg, "model", "data", "train", "seed", "audit")
+    has_slot = "partition-id" in node_config and "num-partitions" in node_config
+    slot = (int(node_config["partition-id"]), int(node_config["num-partitions"])) if has_slot else None
     if "data-path" in node_config:
-        return _cached_client_data(key, str(node_config["data-path"]), None)
-    if "partition-id" not in node_config:
+        if cfg.audit.enabled and slot is None:
+            raise ConfigError(
+                "audit.enabled: each canary must go to exactly one institution, and this SuperNode "
+                "has no slot. Fix: add partition-id=<i> num-partitions=<n> to its --node-config"
+            )
+        return _cached_client_data(key, str(node_config["data-path"]), slot)
+    if slot is None:
         raise ConfigError(
             "node config: neither data-path nor partition-id is set. Fix: start the SuperNode "
             "with --node-config 'data-path=\"/path/to/records.csv\"'"
         )
-    part = (int(node_config["partition-id"]), int(node_config["num-partitions"]))
-    return _cached_client_data(key, None, part)
+    return _cached_client_data(key, None, slot)
 
 
 @dataclass

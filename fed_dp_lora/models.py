@@ -134,6 +134,30 @@ class FirstTokenPooler(nn.Module):
         return hidden_states[:, 0]
 
 
+class MeanPooler(nn.Module):
+    """The mean of the record's own token states (padding excluded): the pooling
+    all-MiniLM-L6-v2 was trained with as a sentence encoder.
+
+    BERT calls its pooler with the hidden states only, so the attention mask is taken from
+    the encoder's own call by a forward pre-hook. Measured on the credit task with a linear
+    probe: per-record spread 0.8-1.4 against 0.007 for [CLS] on a 1-2 layer truncation, and
+    balanced accuracy 0.72-0.75 (1, 2 and 6 layers) where [CLS] on a truncation gives 0.50.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.mask: torch.Tensor | None = None
+
+    def capture_mask(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        self.mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        if self.mask is None:
+            return hidden_states.mean(dim=1)
+        mask = self.mask[:, : hidden_states.shape[1]].unsqueeze(-1).to(hidden_states.dtype)
+        return (hidden_states * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
+
+
 def _set_pooling(model: PreTrainedModel, pooling: str) -> None:
     if pooling == "model":
         return
@@ -143,7 +167,12 @@ def _set_pooling(model: PreTrainedModel, pooling: str) -> None:
             f"model.pooling: {pooling!r} replaces a BERT-style pooler and this model has none. "
             "Fix: set model.pooling=model"
         )
-    encoder.pooler = FirstTokenPooler()
+    if pooling == "cls":
+        encoder.pooler = FirstTokenPooler()
+        return
+    pooler = MeanPooler()
+    encoder.register_forward_pre_hook(pooler.capture_mask, with_kwargs=True)
+    encoder.pooler = pooler
 
 
 def _zero_head(model: PreTrainedModel) -> None:

@@ -31,6 +31,7 @@ class RunReport:
         self.clients: dict[str, dict[str, float]] = {}  # latest privacy figures per client
         self.majority_baseline: dict[str, float] | None = None
         self.user_level: dict[str, Any] | None = None  # set by DP-FedAvg: the user-level guarantee
+        self.audit: dict[str, Any] | None = None
         self.started = time.time()
         out_dir.mkdir(parents=True, exist_ok=True)
 
@@ -48,6 +49,7 @@ class RunReport:
         self.rounds.append(
             {
                 "round": server_round,
+                "seconds": round(time.time() - self.started, 1),
                 "clients": clients,
                 "failures": failures,
                 "bytes": {"up": bytes_up, "down": bytes_down},
@@ -65,7 +67,6 @@ class RunReport:
         if entry is None:
             return  # round 0: the initial adapter, before any training
         entry["metrics"] = metrics
-        entry["seconds"] = round(time.time() - self.started, 1)
 
     def progress_line(self, server_round: int, total_rounds: int) -> str:
         """One line a person reads: round, metrics, worst client epsilon, bytes, time."""
@@ -83,6 +84,14 @@ class RunReport:
             f"{failed} | up={entry['bytes']['up'] / 1e6:.2f}MB down={entry['bytes']['down'] / 1e6:.2f}MB"
             f" | {entry.get('seconds', 0):.0f}s"
         )
+
+    def claim(self) -> tuple[float | None, float]:
+        """(largest client epsilon, largest client delta) as claimed; (None, 0) with privacy off."""
+        eps = [m["epsilon"] for m in self.clients.values() if "epsilon" in m]
+        deltas = [m["delta"] for m in self.clients.values() if "delta" in m]
+        if not self.config["privacy"]["enabled"] or not eps:
+            return None, 0.0
+        return max(eps), max(deltas)
 
     def summary(self) -> dict[str, Any]:
         privacy = self.config["privacy"]
@@ -106,6 +115,7 @@ class RunReport:
                 "steps": per_client("steps-total"),
                 "clip_norm": privacy["clip_norm"],
                 "user_level": self.user_level or {"enabled": False, "unit": USER_PRIVACY_UNIT},
+                **({"audit": self.audit} if self.audit is not None else {}),
             },
             "communication": {
                 "up": sum(r["bytes"]["up"] for r in self.rounds),

@@ -11,17 +11,19 @@ from logging import INFO
 from pathlib import Path
 
 import torch
-
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
+from fed_dp_lora.canary_audit import CanaryAudit
 from fed_dp_lora.central import CentralEvaluator
 from fed_dp_lora.config import load_config, to_plain
 from fed_dp_lora.report import RunReport
+from fed_dp_lora.report_page import write_report
 from fed_dp_lora.strategies import build_strategy
 from fed_dp_lora.strategies.factory import user_level_dp
 from fed_dp_lora.strategies.secagg import run_secagg
+from fed_dp_lora.tracking import make_tracker
 
 app = ServerApp()
 
@@ -40,35 +42,51 @@ def main(grid: Grid, context: Context) -> None:
     cfg.output_dir = str(out)
     log(INFO, "fed-dp-lora: outputs go to %s", out)
     report = RunReport(out, to_plain(cfg))
+    tracker = make_tracker(str(cfg.tracking.backend), out)
+    tracker.log_config(report.config)
     central = CentralEvaluator(cfg)
+    initial = central.initial_state()
+    audit = CanaryAudit(cfg, central, initial) if cfg.audit.enabled else None
     report.majority_baseline = central.majority
     if central.majority:
         log(INFO, "Majority-class baseline on the central test set: %s", central.majority)
 
-    def evaluate_state(server_round: int, state: dict[str, torch.Tensor]) -> dict[str, float]:
-        metrics = central.evaluate(state)
+    rounds, interval = int(cfg.rounds), int(cfg.eval.interval)
+    final = dict(initial)
+
+    def evaluate_state(server_round: int, state: dict[str, torch.Tensor]) -> dict[str, float] | None:
+        # Round 0 (the initial adapter) is evaluated only when every round is.
+        evaluated = server_round == rounds or server_round % interval == 0 and (server_round > 0 or interval == 1)
+        metrics = central.evaluate(state) if evaluated else None
         if server_round > 0:
+            final.update(state)
             central.save_adapter(state, out / "adapters" / f"round-{server_round}")
-            report.record_eval(server_round, metrics)
+            if metrics is not None:
+                report.record_eval(server_round, metrics)
             report.write()
-            log(INFO, report.progress_line(server_round, int(cfg.rounds)))
+            tracker.log_round(report.rounds[-1])
+            log(INFO, report.progress_line(server_round, rounds))
         return metrics
 
     if cfg.secagg:
         dp = user_level_dp(cfg, report) if cfg.strategy.name == "dp-fedavg" else None
-        run_secagg(grid, context, cfg, report, central.initial_state(), evaluate_state, dp)
-        log(INFO, "fed-dp-lora: summary written to %s", report.write())
-        return
+        run_secagg(grid, context, cfg, report, initial, evaluate_state, dp)
+    else:
+        def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+            metrics = evaluate_state(server_round, arrays.to_torch_state_dict())
+            return None if metrics is None else MetricRecord(metrics)
 
-    def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:
-        return MetricRecord(evaluate_state(server_round, arrays.to_torch_state_dict()))
-
-    strategy = build_strategy(cfg, report)
-    strategy.start(
-        grid=grid,
-        initial_arrays=ArrayRecord(central.initial_state()),
-        num_rounds=int(cfg.rounds),
-        train_config=ConfigRecord(),
-        evaluate_fn=evaluate_fn,
-    )
+        build_strategy(cfg, report).start(
+            grid=grid,
+            initial_arrays=ArrayRecord(initial),
+            num_rounds=rounds,
+            train_config=ConfigRecord(),
+            evaluate_fn=evaluate_fn,
+        )
+    if audit is not None:
+        report.audit = audit.result(final, *report.claim())
+        log(INFO, "Privacy audit: epsilon lower bound %.3f at %.0f%% confidence (claimed: %s)",
+            report.audit["epsilon_lower"], 100 * report.audit["confidence"], report.audit["claimed_epsilon"])
+    tracker.close()
     log(INFO, "fed-dp-lora: summary written to %s", report.write())
+    log(INFO, "fed-dp-lora: report written to %s", write_report(report.summary(), out)[1])

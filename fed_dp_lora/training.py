@@ -189,6 +189,18 @@ def evaluate(model: nn.Module, data: Encoded, batch_size: int) -> dict[str, floa
     return classification_metrics(data.labels.numpy(), probs)
 
 
+@torch.no_grad()
+def record_losses(model: nn.Module, data: Encoded, batch_size: int) -> np.ndarray:
+    """Each record's own loss under the model (the audit's membership signal)."""
+    model.eval()
+    device = next(p for p in model.parameters()).device
+    out = []
+    for start in range(0, len(data), batch_size):
+        batch = data.batch(torch.arange(start, min(start + batch_size, len(data))), device)
+        out.append(per_sample_losses(model, batch, None).double().cpu())
+    return torch.cat(out).numpy()
+
+
 def classification_metrics(labels: np.ndarray, probs: np.ndarray) -> dict[str, float]:
     pred = probs.argmax(axis=1)
     metrics = {

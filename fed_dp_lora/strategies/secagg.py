@@ -51,7 +51,7 @@ from fed_dp_lora.report import RunReport
 from fed_dp_lora.strategies.dp_fedavg import UserLevelDP
 from fed_dp_lora.wire import SECAGG_CLIP, SECAGG_EQUAL, SECAGG_KEYS
 
-EvaluateState = Callable[[int, dict[str, torch.Tensor]], dict[str, float]]
+EvaluateState = Callable[[int, dict[str, torch.Tensor]], dict[str, float] | None]
 MAX_AGGREGATE_NORM = 1e6  # the same "absurd norm" bound wire.update_problem applies per update
 
 
@@ -157,14 +157,14 @@ class SecAggAdapterStrategy(LegacyFedAvg):
         metrics = {"train-loss": sum(m["train-loss"] * m["num-examples"] for m in clients.values()) / total}
         return ndarrays_to_parameters([new[k] for k in self.keys]), metrics
 
-    def evaluate(self, server_round: int, parameters: Parameters) -> tuple[float, dict[str, Scalar]]:
+    def evaluate(self, server_round: int, parameters: Parameters) -> tuple[float, dict[str, Scalar]] | None:
         if server_round > 0 and not any(r["round"] == server_round for r in self.report.rounds):
             # The workflow halted before aggregate_fit (too few clients or shares left).
             self.report.record_train(server_round, {}, {"server": "secure aggregation halted: fewer than 2 "
                                      "clients sampled, or too few left for the reconstruction threshold"}, 0, 0)
         state = {k: torch.from_numpy(a.copy()) for k, a in zip(self.keys, parameters_to_ndarrays(parameters))}
         metrics = self.evaluate_state(server_round, state)
-        return float(metrics.get("loss", 0.0)), dict(metrics)
+        return None if metrics is None else (float(metrics.get("loss", 0.0)), dict(metrics))
 
     def configure_evaluate(
         self, server_round: int, parameters: Parameters, client_manager: ClientManager

@@ -1,0 +1,176 @@
+"""A run's report for people: report.md with PNG plots, and report.html with the plots inlined.
+
+Generated from summary.json alone (never written by hand), so it can be rebuilt for any
+finished run: `python -m fed_dp_lora.report_page <output-dir>`.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+SHOWN_METRICS = ("balanced_accuracy", "accuracy", "macro_f1", "auc", "loss", "perplexity")
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return html.escape(str(value))
+
+
+def _plot_metrics(rounds: list[dict], path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    done = [r for r in rounds if "metrics" in r]
+    for key in SHOWN_METRICS:
+        points = [(r["round"], r["metrics"][key]) for r in done if key in r["metrics"]]
+        if points:
+            ax.plot(*zip(*points), marker="o", label=key)
+    ax.set_xlabel("round")
+    ax.set_title("Central evaluation of the global adapter")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _plot_epsilon(rounds: list[dict], path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    clients = sorted({c for r in rounds for c in r.get("epsilon", {})})
+    for client in clients:
+        points = [(r["round"], float(r["epsilon"][client])) for r in rounds if client in r.get("epsilon", {})]
+        ax.plot(*zip(*points), marker="o", label=client)
+    ax.set_xlabel("round")
+    ax.set_ylabel("epsilon (record level)")
+    ax.set_title("Each client's epsilon after the round")
+    ax.grid(alpha=0.3)
+    if clients:
+        ax.legend(fontsize=8)
+    else:
+        ax.text(0.5, 0.5, "privacy off", ha="center", va="center", transform=ax.transAxes)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _plot_bytes(rounds: list[dict], path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    x = [r["round"] for r in rounds]
+    width = 0.4
+    ax.bar([i - width / 2 for i in x], [r["bytes"]["up"] / 1e6 for r in rounds], width, label="up")
+    ax.bar([i + width / 2 for i in x], [r["bytes"]["down"] / 1e6 for r in rounds], width, label="down")
+    ax.set_xlabel("round")
+    ax.set_ylabel("MB")
+    ax.set_title("Bytes on the wire per round")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _sections(summary: dict[str, Any]) -> list[tuple[str, list[str], list[list[str]]]]:
+    """(title, header, rows) tables shared by the Markdown and HTML reports."""
+    rounds = summary["rounds"]
+    metric_keys = [k for k in SHOWN_METRICS if any(k in r.get("metrics", {}) for r in rounds)]
+    per_round = [
+        [str(r["round"])] + [_fmt(r.get("metrics", {}).get(k, "")) for k in metric_keys]
+        + [_fmt(max(map(float, r["epsilon"].values()))) if r.get("epsilon") else "-",
+           str(len(r["clients"])), str(len(r["failures"])),
+           f"{r['bytes']['up'] / 1e6:.2f}", f"{r['bytes']['down'] / 1e6:.2f}"]
+        for r in rounds
+    ]
+    privacy = summary["privacy"]
+    clients = sorted({c for r in rounds for c in r["clients"]} | {c for r in rounds for c in r["failures"]})
+    participation = [
+        [c, str(sum(c in r["clients"] for r in rounds)), _fmt(privacy["epsilon"].get(c, "-")),
+         "; ".join(f"round {r['round']}: {r['failures'][c]}" for r in rounds if c in r["failures"]) or "-"]
+        for c in clients
+    ]
+    tables = [
+        ("Rounds", ["round", *metric_keys, "max client epsilon", "clients", "failed", "up MB", "down MB"],
+         per_round),
+        ("Clients", ["client", "rounds trained", "epsilon", "failures"], participation),
+    ]
+    audit = privacy.get("audit")
+    if audit:
+        tables.append((
+            "Privacy audit",
+            ["epsilon lower bound", "claimed epsilon", "canaries", "guesses", "correct", "confidence"],
+            [[_fmt(audit["epsilon_lower"]), _fmt(audit["claimed_epsilon"] if audit["claimed_epsilon"]
+                                                  is not None else "privacy off"),
+              str(audit["canaries"]), str(audit["guesses"]), str(audit["correct"]),
+              _fmt(audit["confidence"])]],
+        ))
+    return tables
+
+
+def _headline(summary: dict[str, Any]) -> list[str]:
+    privacy = summary["privacy"]
+    eps = [float(e) for e in privacy["epsilon"].values()]
+    lines = [
+        f"Rounds: {len(summary['rounds'])}",
+        "Privacy: " + (f"on, record-level, budget {privacy['budget']}, max client epsilon {max(eps):.4g} "
+                       f"({privacy['accountant']})" if privacy["enabled"] and eps else "off"),
+        f"Unit: {privacy['unit']}",
+    ]
+    final = {k: v for k, v in summary["final"].items() if k != "majority_baseline"}
+    if final:
+        lines.append("Final: " + ", ".join(f"{k} {_fmt(v)}" for k, v in final.items()))
+    if "majority_baseline" in summary["final"]:
+        base = summary["final"]["majority_baseline"]
+        lines.append("Majority-class baseline: " + ", ".join(f"{k} {_fmt(v)}" for k, v in base.items()))
+    return lines
+
+
+PLOTS = (("metrics.png", _plot_metrics), ("epsilon.png", _plot_epsilon), ("bytes.png", _plot_bytes))
+
+
+def write_report(summary: dict[str, Any], out_dir: Path) -> tuple[Path, Path]:
+    """report.md (+ report-*.png) and a self-contained report.html in out_dir."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    images = []
+    for name, plot in PLOTS:
+        path = out_dir / f"report-{name}"
+        plot(summary["rounds"], path)
+        images.append(path)
+    tables = _sections(summary)
+    md = ["# fed-dp-lora run report", "", *[f"- {line}" for line in _headline(summary)], ""]
+    for title, header, rows in tables:
+        md += [f"## {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        md += ["| " + " | ".join(row) + " |" for row in rows] + [""]
+    md += ["## Plots", ""] + [f"![{p.stem}]({p.name})" for p in images] + [""]
+    md_path = out_dir / "report.md"
+    md_path.write_text("\n".join(md))
+
+    body = ["<h1>fed-dp-lora run report</h1>", "<ul>"]
+    body += [f"<li>{html.escape(line)}</li>" for line in _headline(summary)] + ["</ul>"]
+    for title, header, rows in tables:
+        body.append(f"<h2>{html.escape(title)}</h2><table><tr>"
+                    + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr>")
+        body += ["<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in rows]
+        body.append("</table>")
+    body.append("<h2>Plots</h2>")
+    for p in images:
+        data = base64.b64encode(p.read_bytes()).decode()
+        body.append(f'<img alt="{p.stem}" src="data:image/png;base64,{data}">')
+    style = ("body{font-family:sans-serif;max-width:960px;margin:2em auto}"
+             "table{border-collapse:collapse;margin-bottom:1em}td,th{border:1px solid #bbb;padding:3px 8px}")
+    html_path = out_dir / "report.html"
+    html_path.write_text(f"<!doctype html><html><head><meta charset='utf-8'><title>fed-dp-lora run report"
+                         f"</title><style>{style}</style></head><body>{''.join(body)}</body></html>")
+    return md_path, html_path
+
+
+if __name__ == "__main__":
+    folder = Path(sys.argv[1])
+    for written in write_report(json.loads((folder / "summary.json").read_text()), folder):
+        print(written)

@@ -1,0 +1,40 @@
+"""A whole federation in one process with the audit and the tracker on: what a run writes."""
+
+from __future__ import annotations
+
+import json
+
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from fed_dp_lora.experiments.inprocess import run_federation
+
+TINY = ("+preset=tiny rounds=2 train.batch_size=16 train.epochs=0.02 privacy.noise_multiplier=1.0 "
+        "audit.enabled=true audit.canaries=40 tracking.backend=tensorboard eval.interval=2")
+
+
+def test_run_writes_audit_report_and_tracker(tmp_path):
+    summary = run_federation(TINY, 2, tmp_path)
+
+    audit = summary["privacy"]["audit"]
+    assert {"epsilon_lower", "canaries", "confidence"} <= audit.keys()
+    assert audit["canaries"] == 40 and audit["confidence"] == 0.95 and audit["guesses"] == 8
+    eps = summary["privacy"]["epsilon"]
+    assert audit["claimed_epsilon"] == max(eps.values()) and audit["delta"] > 0
+    assert 0 <= audit["epsilon_lower"] <= audit["claimed_epsilon"]
+    assert json.loads((tmp_path / "summary.json").read_text())["privacy"]["audit"] == audit
+
+    html = (tmp_path / "report.html").read_text()
+    md = (tmp_path / "report.md").read_text()
+    for client, value in eps.items():
+        assert client in html and f"{value:.4g}" in html
+    assert "Privacy audit" in html and "Privacy audit" in md
+    assert md.count("\n| 1 |") == 1 and md.count("\n| 2 |") == 1  # one row per round
+    assert all((tmp_path / f"report-{p}.png").stat().st_size > 1000 for p in ("metrics", "epsilon", "bytes"))
+
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    # eval.interval=2: round 1 is trained and reported without central metrics, round 2 evaluated.
+    assert "metrics" not in summary["rounds"][0] and "balanced_accuracy" in summary["rounds"][1]["metrics"]
+    assert [e.step for e in events.Scalars("eval/balanced_accuracy")] == [2]
+    assert [e.step for e in events.Scalars("bytes/up")] == [1, 2]
+    assert {f"epsilon/{c}" for c in eps} <= set(events.Tags()["scalars"])

@@ -1,0 +1,90 @@
+"""The per-run report: generated from summary.json, readable, with the plots really drawn."""
+
+from __future__ import annotations
+
+import base64
+import io
+import re
+from html.parser import HTMLParser
+
+import numpy as np
+from PIL import Image
+
+from fed_dp_lora.report_page import write_report
+
+
+def summary() -> dict:
+    rounds = [
+        {"round": 1, "clients": {"client-0": {"epsilon": 3.1}, "client-1": {"epsilon": 3.2}},
+         "failures": {}, "bytes": {"up": 2_000_000, "down": 2_000_000},
+         "epsilon": {"client-0": 3.1, "client-1": 3.2},
+         "metrics": {"balanced_accuracy": 0.61, "accuracy": 0.7, "macro_f1": 0.6, "auc": 0.68}},
+        {"round": 2, "clients": {"client-0": {"epsilon": 4.4}},
+         "failures": {"client-1": "error (code 100): privacy budget exhausted"},
+         "bytes": {"up": 1_000_000, "down": 2_000_000}, "epsilon": {"client-0": 4.4},
+         "metrics": {"balanced_accuracy": 0.655, "accuracy": 0.72, "macro_f1": 0.64, "auc": 0.7}},
+    ]
+    return {
+        "rounds": rounds,
+        "final": {**rounds[-1]["metrics"], "majority_baseline": {"balanced_accuracy": 0.5}},
+        "privacy": {"enabled": True, "unit": "record", "accountant": "RDP", "budget": 8.0,
+                    "epsilon": {"client-0": 4.4, "client-1": 3.2},
+                    "audit": {"epsilon_lower": 0.125, "claimed_epsilon": 4.4, "canaries": 500, "guesses": 100,
+                              "correct": 57, "confidence": 0.95}},
+    }
+
+
+class Page(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.headings, self.cells, self.images, self._tag = [], [], [], None
+
+    def handle_starttag(self, tag, attrs):
+        self._tag = tag
+        if tag == "img":
+            self.images.append(dict(attrs)["src"])
+
+    def handle_data(self, data):
+        if self._tag in ("h1", "h2"):
+            self.headings.append(data)
+        elif self._tag in ("td", "th"):
+            self.cells.append(data)
+
+    def handle_endtag(self, tag):
+        self._tag = None
+
+
+def test_html_report_holds_rounds_clients_audit_and_drawn_plots(tmp_path):
+    md_path, html_path = write_report(summary(), tmp_path)
+    page = Page()
+    page.feed(html_path.read_text())
+    assert page.headings == ["fed-dp-lora run report", "Rounds", "Clients", "Privacy audit", "Plots"]
+    assert {"0.655", "4.4", "0.125", "57", "500"} <= set(page.cells)
+    assert "round 2: error (code 100): privacy budget exhausted" in page.cells  # why client-1 stopped
+    assert len(page.images) == 3
+    for src in page.images:
+        assert src.startswith("data:image/png;base64,")  # self-contained: opens without the PNG files
+        image = np.asarray(Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1]))).convert("RGB"))
+        assert image.shape == (350, 600, 3)
+        # Really drawn: coloured line/bar pixels, not a blank canvas.
+        coloured = (image.max(axis=2).astype(int) - image.min(axis=2)) > 60
+        assert coloured.mean() > 0.002
+
+
+def test_markdown_report_links_existing_pngs(tmp_path):
+    md_path, _ = write_report(summary(), tmp_path)
+    text = md_path.read_text()
+    links = re.findall(r"!\[[^]]*\]\(([^)]+)\)", text)
+    assert len(links) == 3 and all((tmp_path / link).stat().st_size > 1000 for link in links)
+    assert "| 2 | 0.655 |" in text
+    assert "| 0.125 | 4.4 | 500 | 100 | 57 | 0.95 |" in text
+
+
+def test_privacy_off_report_says_so(tmp_path):
+    s = summary()
+    s["privacy"].update(enabled=False, epsilon={}, audit=None)
+    for r in s["rounds"]:
+        r["epsilon"] = {}
+    _, html_path = write_report(s, tmp_path)
+    text = html_path.read_text()
+    assert "Privacy: off" in text and "Privacy audit" not in text
