@@ -6,11 +6,13 @@ with small settings so the table takes minutes on 2 CPU cores. Prints a Markdown
 the final central metrics; the attackers are the first round(fraction * clients) partitions.
 
     nice -n 10 .venv/bin/python scripts/robustness.py [--clients 4] [--rounds 3] [--out DIR]
+    .venv/bin/python scripts/robustness.py --table-from DIR   # the table again, from saved runs
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -44,10 +46,12 @@ def main() -> None:
                         "train.batch_size=64 train.lr=0.01 train.epochs=0.5",
                         help="Hydra overrides shared by every cell")
     parser.add_argument("--out", type=Path, default=None, help="keep each cell's outputs here")
+    parser.add_argument("--table-from", type=Path, default=None,
+                        help="print the table from the summary.json files of an earlier --out, without running")
     args = parser.parse_args()
     logging.getLogger("flwr").setLevel(logging.WARNING)
 
-    out = args.out or Path(tempfile.mkdtemp(prefix="robustness-"))
+    out = args.out or args.table_from or Path(tempfile.mkdtemp(prefix="robustness-"))
     base = f"{args.base} rounds={args.rounds}"
     attacks = {"0%": "attack.fraction=0.0", f"{args.fraction:.0%}": f"attack.fraction={args.fraction} attack.kind={args.attack}"}
     results: dict[tuple[str, str], dict] = {}
@@ -55,22 +59,25 @@ def main() -> None:
     for name, strategy in STRATEGIES.items():
         for label, attack in attacks.items():
             t0 = time.time()
-            summary = run_federation(f"{base} {strategy} {attack}", args.clients, out / f"{name}-{label.rstrip('%')}")
+            folder = out / f"{name}-{label.rstrip('%')}"
+            if args.table_from:
+                results[(name, label)] = json.loads((folder / "summary.json").read_text())["final"]
+                continue
+            summary = run_federation(f"{base} {strategy} {attack}", args.clients, folder)
             results[(name, label)] = summary["final"]
             print(f"{name:13s} {label:>4s} malicious: balanced_accuracy={summary['final']['balanced_accuracy']:.4f} "
                   f"({time.time() - t0:.0f}s)", file=sys.stderr, flush=True)
 
     labels = list(attacks)
-    print(f"Settings: `{base}`, {args.clients} clients, attack `{attacks[labels[1]]}`; "
-          f"{time.time() - started:.0f}s in total. Final round, central test set "
-          f"(majority baseline: balanced accuracy 0.5).\n")
-    print("| strategy | " + " | ".join(f"balanced acc. ({lb} malicious)" for lb in labels)
-          + " | " + " | ".join(f"accuracy ({lb})" for lb in labels) + " |")
-    print("|---" * (1 + 2 * len(labels)) + "|")
+    timing = "" if args.table_from else f"; {time.time() - started:.0f}s in total"
+    print(f"Settings: `{base}`, {args.clients} clients, attack `{attacks[labels[1]]}`{timing}. Final "
+          "round, central test set (majority baseline: balanced accuracy 0.5, AUC 0.5).\n")
+    metrics = (("balanced_accuracy", "balanced acc."), ("auc", "AUC"), ("accuracy", "accuracy"))
+    print("| strategy | " + " | ".join(f"{title} ({lb} malicious)" for _, title in metrics for lb in labels) + " |")
+    print("|---" * (1 + len(metrics) * len(labels)) + "|")
     for name in STRATEGIES:
-        bal = [f"{results[(name, lb)]['balanced_accuracy']:.3f}" for lb in labels]
-        acc = [f"{results[(name, lb)]['accuracy']:.3f}" for lb in labels]
-        print(f"| {name} | " + " | ".join(bal) + " | " + " | ".join(acc) + " |")
+        cells = [f"{results[(name, lb)][key]:.3f}" for key, _ in metrics for lb in labels]
+        print(f"| {name} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":
