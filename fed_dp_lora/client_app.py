@@ -4,12 +4,17 @@ from __future__ import annotations
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.clientapp.typing import ClientAppCallable
+from flwr.client.mod import secaggplus_mod
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 
+from fed_dp_lora.attacks import is_malicious
 from fed_dp_lora.config import ConfigError, load_config
 from fed_dp_lora.data import DataError
 from fed_dp_lora.local_round import train_round
 from fed_dp_lora.privacy.accountant import BudgetExceeded
 from fed_dp_lora.privacy.engine import CoverageError
+from fed_dp_lora.wire import is_legacy_fitins, secagg_fitins, secagg_fitres
 
 LEDGER_KEY = "privacy-ledger"
 # Error codes in replies, so the server can tell a refusal from a crash.
@@ -18,18 +23,29 @@ REFUSED_BUDGET, REFUSED_CONFIG = 100, 101
 app = ClientApp()
 
 
-@app.train()
+def secagg_when_asked(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """Flower's secaggplus_mod for SecAgg+ stage messages; plain train messages pass through."""
+    if RECORD_KEY_CONFIGS in msg.content.config_records:
+        return secaggplus_mod(msg, context, call_next)
+    return call_next(msg, context)
+
+
+@app.train(mods=[secagg_when_asked])
 def train(msg: Message, context: Context) -> Message:
     """One round of DP-SGD on this client's records; refusals become error replies."""
     try:
         cfg = load_config(context.run_config)
+        if cfg.secagg != is_legacy_fitins(msg.content):
+            # Never answer a plain request with an individual update when SecAgg+ was agreed.
+            raise ConfigError(f"secagg: the run says secagg={cfg.secagg} but the server sent "
+                              f"{'SecAgg+' if not cfg.secagg else 'plain'} instructions. Fix: restart "
+                              "the run with one secagg setting for server and clients")
+        if cfg.secagg:
+            global_state, config = secagg_fitins(msg.content)
+        else:
+            global_state, config = msg.content["arrays"].to_torch_state_dict(), {}
         ledger = context.state.config_records.get(LEDGER_KEY)
-        result = train_round(
-            cfg,
-            context.node_config,
-            msg.content["arrays"].to_torch_state_dict(),
-            dict(ledger) if ledger is not None else None,
-        )
+        result = train_round(cfg, context.node_config, global_state, dict(ledger) if ledger is not None else None)
     except BudgetExceeded as err:
         return Message(Error(code=REFUSED_BUDGET, reason=str(err)), reply_to=msg)
     except (ConfigError, DataError, CoverageError) as err:
@@ -38,6 +54,11 @@ def train(msg: Message, context: Context) -> Message:
         # The ledger lives in context.state: it outlives this process (deployment starts a
         # new one per message) and composes over every round this client trained.
         context.state[LEDGER_KEY] = ConfigRecord(result.ledger)
+    if cfg.secagg:
+        # A simulated attacker does not clip: the guarantee rests on honest clients' clipping.
+        content = secagg_fitres(global_state, result.state, config, int(result.metrics["num-examples"]),
+                                result.metrics, clip=not is_malicious(cfg, context.node_config))
+        return Message(content=content, reply_to=msg)
     content = RecordDict(
         {"arrays": ArrayRecord(result.state), "metrics": MetricRecord(result.metrics)}
     )

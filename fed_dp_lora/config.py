@@ -73,12 +73,30 @@ _FLOATS = {"lora.alpha": False, "lora.dropout": False, "data.test_fraction": Fal
            "data.dirichlet_alpha": False, "privacy.epsilon": True, "privacy.delta": True,
            "privacy.noise_multiplier": True, "privacy.clip_norm": False, "train.epochs": False,
            "train.lr": False, "strategy.fraction_train": False, "audit.guess_fraction": False,
-           "audit.confidence": False}
+           "audit.confidence": False, "attack.fraction": False,
+           "attack.scale": False, "secaggplus.clipping_range": False, "secaggplus.max_weight": False,
+           "secaggplus.timeout": True}
+# Strategy keys that exist only in some strategy files: checked when present.
+_STRATEGY_INTEGERS = {"strategy.num_malicious": False, "strategy.num_selected": True}
+_STRATEGY_FLOATS = {"strategy.beta": False, "strategy.sample_rate": True, "strategy.clip_norm": False,
+                    "strategy.noise_multiplier": True, "strategy.epsilon": True, "strategy.delta": True,
+                    "strategy.target_quantile": False, "strategy.clip_lr": False,
+                    "strategy.clipped_count_stddev": True, "secaggplus.num_shares": False,
+                    "secaggplus.reconstruction_threshold": False}
+
+STRATEGIES = ("fedavg", "dp-fedavg", "krum", "multi-krum", "trimmed-mean", "median")
+# Aggregators that need every individual update: they cannot run under SecAgg+.
+ROBUST_STRATEGIES = ("krum", "multi-krum", "trimmed-mean", "median")
+ATTACKS = ("sign-flip", "gaussian", "constant", "non-finite", "wrong-shape")
 
 
 def _check_numbers(cfg: DictConfig) -> None:
-    for kinds, integer in ((_INTEGERS, True), (_FLOATS, False)):
+    optional = {**_STRATEGY_INTEGERS, **_STRATEGY_FLOATS}
+    for kinds, integer in ((_INTEGERS, True), (_FLOATS, False), (_STRATEGY_INTEGERS, True),
+                           (_STRATEGY_FLOATS, False)):
         for key, nullable in kinds.items():
+            if key in optional and OmegaConf.select(cfg, key, default="<absent>") == "<absent>":
+                continue
             value = OmegaConf.select(cfg, key)
             if value is None and nullable:
                 continue
@@ -193,13 +211,7 @@ def validate(cfg: DictConfig) -> None:
     _require(int(cfg.train.max_length) >= 8, "train.max_length", "must be >= 8", "e.g. 64")
     _require(int(cfg.eval.batch_size) >= 1, "eval.batch_size", "must be >= 1", "e.g. 256")
     _require(int(cfg.eval.interval) >= 1, "eval.interval", "must be >= 1", "e.g. 1 (every round)")
-    _choice(cfg, "strategy.name", ("fedavg",))
-    _require(
-        0.0 < float(cfg.strategy.fraction_train) <= 1.0,
-        "strategy.fraction_train",
-        "must be in (0, 1]",
-        "e.g. 1.0",
-    )
+    _validate_strategy(cfg)
     if cfg.output_dir is not None:
         _require(
             Path(cfg.output_dir).is_absolute(),
@@ -226,6 +238,96 @@ def _validate_outputs(cfg: DictConfig) -> None:
         "e.g. audit.confidence=0.95",
     )
     _choice(cfg, "tracking.backend", ("none", "tensorboard"))
+
+
+def _validate_strategy(cfg: DictConfig) -> None:
+    """The strategy, its options, SecAgg+ and the attack, and which of them compose."""
+    s = cfg.strategy
+    _choice(cfg, "strategy.name", STRATEGIES)
+    _require(0.0 < float(s.fraction_train) <= 1.0, "strategy.fraction_train", "must be in (0, 1]", "e.g. 1.0")
+    if s.name in ("krum", "multi-krum"):
+        _require(int(s.num_malicious) >= 0, "strategy.num_malicious", "must be >= 0", "e.g. 1")
+    if s.name == "multi-krum" and s.num_selected is not None:
+        _require(int(s.num_selected) >= 1, "strategy.num_selected", "must be >= 1", "e.g. 2, or null for n - f")
+    if s.name == "trimmed-mean":
+        _require(0.0 <= float(s.beta) < 0.5, "strategy.beta", f"{s.beta} is not in [0, 0.5)", "e.g. 0.25")
+    if s.name == "dp-fedavg":
+        _choice(cfg, "strategy.sampling", ("fraction", "poisson"))
+        if s.sampling == "poisson":
+            _require(
+                s.sample_rate is not None and 0.0 < float(s.sample_rate) <= 1.0,
+                "strategy.sample_rate",
+                f"{s.sample_rate} is not in (0, 1] for sampling=poisson",
+                "e.g. strategy.sample_rate=0.5",
+            )
+        _require(float(s.clip_norm) > 0, "strategy.clip_norm", "must be > 0", "e.g. 1.0")
+        _require(
+            s.noise_multiplier is not None or s.epsilon is not None,
+            "strategy.noise_multiplier",
+            "neither a noise multiplier nor a user-level budget is set",
+            "set strategy.noise_multiplier=1.0 or strategy.epsilon=8",
+        )
+        if s.noise_multiplier is not None:
+            _require(float(s.noise_multiplier) > 0, "strategy.noise_multiplier", "must be > 0",
+                     "set a positive value or null to calibrate from strategy.epsilon")
+        if s.epsilon is not None:
+            _require(float(s.epsilon) > 0, "strategy.epsilon", "must be > 0", "e.g. 8")
+        if s.delta is not None:
+            _require(0.0 < float(s.delta) < 1.0, "strategy.delta", f"{s.delta} is not in (0, 1)",
+                     "use null (1/(10 N)) or a value below 1/N for N clients")
+        if s.adaptive:
+            _require(0.0 <= float(s.target_quantile) <= 1.0, "strategy.target_quantile",
+                     "must be in [0, 1]", "e.g. 0.5")
+            _require(float(s.clip_lr) > 0, "strategy.clip_lr", "must be > 0", "e.g. 0.2")
+            if s.clipped_count_stddev is not None:
+                _require(float(s.clipped_count_stddev) > 0, "strategy.clipped_count_stddev",
+                         "must be > 0", "e.g. 1.0, or null for expected clients / 20")
+    a = cfg.attack
+    _choice(cfg, "attack.kind", ATTACKS)
+    _require(0.0 <= float(a.fraction) < 1.0, "attack.fraction", f"{a.fraction} is not in [0, 1)", "e.g. 0.25")
+    _require(float(a.scale) > 0, "attack.scale", "must be > 0", "e.g. 10")
+    _require(isinstance(cfg.secagg, bool), "secagg", f"{cfg.secagg!r} is not true or false", "secagg=true")
+    if not cfg.secagg:
+        return
+    _require(
+        s.name not in ROBUST_STRATEGIES,
+        "secagg",
+        f"strategy={s.name} cannot run under SecAgg+: a robust aggregator needs every individual "
+        "update, and SecAgg+ reveals only their sum",
+        "use strategy=fedavg or strategy=dp-fedavg with secagg=true, or keep "
+        f"strategy={s.name} with secagg=false",
+    )
+    _require(
+        not (s.name == "dp-fedavg" and s.adaptive),
+        "secagg",
+        "adaptive clipping needs each client's clipped/unclipped bit, which would travel unmasked "
+        "beside the masked update",
+        "use fixed clipping (strategy.adaptive=false) with secagg=true",
+    )
+    _require(
+        float(a.fraction) == 0.0 or a.kind not in ("non-finite", "wrong-shape"),
+        "attack.kind",
+        f"{a.kind} updates cannot be rejected under SecAgg+: the server never sees an individual "
+        "update (and a wrong-shape vector aborts the protocol)",
+        "simulate sign-flip, gaussian or constant attacks with secagg=true, or test update "
+        "rejection with secagg=false",
+    )
+    sp = cfg.secaggplus
+    for key in ("num_shares", "reconstruction_threshold"):
+        value = sp[key]
+        ok = 0 < float(value) <= 1 if isinstance(value, float) else int(value) >= 2
+        _require(ok, f"secaggplus.{key}", f"{value!r} is neither a fraction in (0, 1] nor a count >= 2",
+                 "e.g. 1.0 and 0.5 (fractions) or 3 and 2 (counts)")
+    _require(float(sp.clipping_range) > 0, "secaggplus.clipping_range", "must be > 0", "e.g. 8.0")
+    _require(float(sp.max_weight) > 0, "secaggplus.max_weight", "must be > 0", "e.g. 10000")
+    if s.name == "dp-fedavg":
+        _require(
+            float(s.clip_norm) <= float(sp.clipping_range),
+            "secaggplus.clipping_range",
+            f"{sp.clipping_range} is below strategy.clip_norm={s.clip_norm}: a clipped update's "
+            "coordinates could be cut again by the quantizer",
+            f"set secaggplus.clipping_range >= {s.clip_norm}",
+        )
 
 
 def resolve_delta(cfg: DictConfig, num_records: int) -> float:

@@ -19,6 +19,7 @@ import pandas as pd
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from fed_dp_lora.attacks import attack, is_malicious
 from fed_dp_lora.config import ConfigError, resolve_delta
 from fed_dp_lora.data import client_partition, holdout_split, label_names, load_table
 from fed_dp_lora.data.canaries import canary_words, client_canaries
@@ -157,4 +158,8 @@ def train_round(
         ledger.record(engine.noise_multiplier, rate, stats.steps)  # type: ignore[attr-defined]
         metrics.update({"epsilon": ledger.epsilon(), "steps-total": ledger.steps})
     metrics.update({"steps": stats.steps, "train-loss": stats.mean_loss, "empty-batches": stats.empty_batches})
-    return RoundResult(trainable_state(model), metrics, ledger.to_dict() if ledger else None)
+    state = trainable_state(model)
+    if is_malicious(cfg, node_config):
+        # A simulated attacker: it trained (and spent budget) like everyone, then lies.
+        state = attack(str(cfg.attack.kind), global_state, state, float(cfg.attack.scale))
+    return RoundResult(state, metrics, ledger.to_dict() if ledger else None)

@@ -11,6 +11,10 @@ from typing import Any
 from fed_dp_lora.privacy.accountant import ACCOUNTANT_NAMES
 
 PRIVACY_UNIT = "record: one row (one sequence) of one client's data; epsilon is per client"
+USER_PRIVACY_UNIT = (
+    "client: one institution's whole contribution (all its records, every round); neighbouring "
+    "runs differ by one client's update being replaced by none"
+)
 
 
 def _finite(value: float) -> float | str:
@@ -26,6 +30,7 @@ class RunReport:
         self.rounds: list[dict[str, Any]] = []
         self.clients: dict[str, dict[str, float]] = {}  # latest privacy figures per client
         self.majority_baseline: dict[str, float] | None = None
+        self.user_level: dict[str, Any] | None = None  # set by DP-FedAvg: the user-level guarantee
         self.audit: dict[str, Any] | None = None
         self.started = time.time()
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -52,6 +57,11 @@ class RunReport:
             }
         )
 
+    def record_strategy(self, server_round: int, info: dict[str, Any]) -> None:
+        """What the strategy decided in a recorded round (selected clients, clip norm, noise)."""
+        entry = next(r for r in self.rounds if r["round"] == server_round)
+        entry.setdefault("strategy", {}).update(info)
+
     def record_eval(self, server_round: int, metrics: dict[str, float]) -> None:
         entry = next((r for r in self.rounds if r["round"] == server_round), None)
         if entry is None:
@@ -65,6 +75,9 @@ class RunReport:
         metrics = " ".join(f"{k}={entry['metrics'][k]:.4f}" for k in shown if k in entry.get("metrics", {}))
         eps = [m["epsilon"] for m in self.clients.values() if "epsilon" in m]
         eps_text = f"max client epsilon={max(eps):.3f}" if eps else "privacy off"
+        if self.user_level is not None:
+            user = self.user_level["epsilon"]
+            eps_text += f" | user epsilon={user:.3f}" if isinstance(user, float) else f" | user epsilon={user}"
         failed = f" failed={len(entry['failures'])}" if entry["failures"] else ""
         return (
             f"[round {server_round}/{total_rounds}] {metrics} | {eps_text} | clients={len(entry['clients'])}"
@@ -101,6 +114,7 @@ class RunReport:
                 "sample_rate": per_client("sample-rate"),
                 "steps": per_client("steps-total"),
                 "clip_norm": privacy["clip_norm"],
+                "user_level": self.user_level or {"enabled": False, "unit": USER_PRIVACY_UNIT},
                 **({"audit": self.audit} if self.audit is not None else {}),
             },
             "communication": {

@@ -1,4 +1,8 @@
-"""Flower ServerApp: compose the config, build the strategy, run it, write the outputs."""
+"""Flower ServerApp: compose the config, build the strategy, run it, write the outputs.
+
+With secagg=true the rounds run on Flower's legacy SecAgg+ workflow (strategies/secagg.py),
+with the same evaluation, adapter folders and summary.json.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,7 @@ import time
 from logging import INFO
 from pathlib import Path
 
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
@@ -16,6 +21,8 @@ from fed_dp_lora.config import load_config, to_plain
 from fed_dp_lora.report import RunReport
 from fed_dp_lora.report_page import write_report
 from fed_dp_lora.strategies import build_strategy
+from fed_dp_lora.strategies.factory import user_level_dp
+from fed_dp_lora.strategies.secagg import run_secagg
 from fed_dp_lora.tracking import make_tracker
 
 app = ServerApp()
@@ -45,31 +52,39 @@ def main(grid: Grid, context: Context) -> None:
         log(INFO, "Majority-class baseline on the central test set: %s", central.majority)
 
     rounds, interval = int(cfg.rounds), int(cfg.eval.interval)
+    final = dict(initial)
 
-    def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
-        state = arrays.to_torch_state_dict()
+    def evaluate_state(server_round: int, state: dict[str, torch.Tensor]) -> dict[str, float] | None:
         # Round 0 (the initial adapter) is evaluated only when every round is.
         evaluated = server_round == rounds or server_round % interval == 0 and (server_round > 0 or interval == 1)
         metrics = central.evaluate(state) if evaluated else None
         if server_round > 0:
+            final.update(state)
             central.save_adapter(state, out / "adapters" / f"round-{server_round}")
             if metrics is not None:
                 report.record_eval(server_round, metrics)
             report.write()
             tracker.log_round(report.rounds[-1])
             log(INFO, report.progress_line(server_round, rounds))
-        return None if metrics is None else MetricRecord(metrics)
+        return metrics
 
-    strategy = build_strategy(cfg, report)
-    result = strategy.start(
-        grid=grid,
-        initial_arrays=ArrayRecord(initial),
-        num_rounds=rounds,
-        train_config=ConfigRecord(),
-        evaluate_fn=evaluate_fn,
-    )
+    if cfg.secagg:
+        dp = user_level_dp(cfg, report) if cfg.strategy.name == "dp-fedavg" else None
+        run_secagg(grid, context, cfg, report, initial, evaluate_state, dp)
+    else:
+        def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+            metrics = evaluate_state(server_round, arrays.to_torch_state_dict())
+            return None if metrics is None else MetricRecord(metrics)
+
+        build_strategy(cfg, report).start(
+            grid=grid,
+            initial_arrays=ArrayRecord(initial),
+            num_rounds=rounds,
+            train_config=ConfigRecord(),
+            evaluate_fn=evaluate_fn,
+        )
     if audit is not None:
-        report.audit = audit.result(result.arrays.to_torch_state_dict(), *report.claim())
+        report.audit = audit.result(final, *report.claim())
         log(INFO, "Privacy audit: epsilon lower bound %.3f at %.0f%% confidence (claimed: %s)",
             report.audit["epsilon_lower"], 100 * report.audit["confidence"], report.audit["claimed_epsilon"])
     tracker.close()

@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import numpy as np
-from flwr.app import ArrayRecord
+import torch
+from flwr.app import ArrayRecord, RecordDict
+from flwr.common import Code, FitRes, Scalar, Status, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.compat.common import recorddict_compat as compat
+
+from fed_dp_lora.privacy.user_level import clip_update
 
 
 def payload_bytes(arrays: ArrayRecord) -> int:
@@ -32,3 +37,53 @@ def update_problem(arrays: ArrayRecord, reference: ArrayRecord, max_norm: float 
     if np.sqrt(sq) > max_norm:
         return f"update norm {np.sqrt(sq):.3g} exceeds {max_norm:g}"
     return None
+
+
+# --- SecAgg+ (legacy fitins/fitres layout, what secaggplus_mod reads and writes) ----------
+
+SECAGG_KEYS = "secagg-keys"          # tensor names, newline-separated: legacy Parameters are a list
+SECAGG_CLIP = "secagg-clip-norm"     # DP-FedAvg: clip the update to this before masking
+SECAGG_EQUAL = "secagg-equal-weights"  # DP-FedAvg: every update weighs 1, not num-examples
+
+
+def is_legacy_fitins(content: RecordDict) -> bool:
+    return "fitins.parameters" in content.array_records
+
+
+def secagg_fitins(
+    content: RecordDict,
+) -> tuple[dict[str, torch.Tensor], dict[str, Scalar]]:
+    """The global adapter (named again) and the config of a legacy FitIns."""
+    fitins = compat.recorddict_to_fitins(content, keep_input=True)
+    keys = str(fitins.config[SECAGG_KEYS]).split("\n")
+    arrays = parameters_to_ndarrays(fitins.parameters)
+    if len(arrays) != len(keys):
+        raise ValueError(f"SecAgg+ instructions carry {len(arrays)} tensors for {len(keys)} names")
+    return {k: torch.from_numpy(a.copy()) for k, a in zip(keys, arrays)}, dict(fitins.config)
+
+
+def secagg_fitres(
+    global_state: dict[str, torch.Tensor],
+    local_state: dict[str, torch.Tensor],
+    config: dict[str, Scalar],
+    num_examples: int,
+    metrics: dict[str, float],
+    clip: bool = True,
+) -> RecordDict:
+    """A legacy FitRes carrying the update (local - global), clipped if DP-FedAvg asks for it.
+
+    The update, not the adapter, is masked: it is small, so it fits SecAgg+'s clipping range
+    with fine quantization, and the server adds it back to the global adapter it holds.
+    """
+    keys = str(config[SECAGG_KEYS]).split("\n")
+    update = {k: local_state[k].double().numpy() - global_state[k].double().numpy() for k in keys}
+    if SECAGG_CLIP in config and clip:
+        update, _ = clip_update(update, float(config[SECAGG_CLIP]))
+    weight = 1 if config.get(SECAGG_EQUAL, False) else int(num_examples)
+    fitres = FitRes(
+        status=Status(code=Code.OK, message="ok"),
+        parameters=ndarrays_to_parameters([update[k].astype(np.float32) for k in keys]),
+        num_examples=weight,
+        metrics=dict(metrics),
+    )
+    return compat.fitres_to_recorddict(fitres, keep_input=True)

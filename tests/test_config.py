@@ -250,3 +250,69 @@ def test_partition_count_error_stops_the_round_before_any_training(make_cfg, mon
 def test_node_without_data_or_partition_is_a_config_error(make_cfg):
     with pytest.raises(ConfigError, match="data-path"):
         local_round.client_data(make_cfg(), {})
+
+
+# --- strategies, SecAgg+ and attacks: what composes --------------------------------------
+
+
+@pytest.mark.parametrize("name", ["fedavg", "dp-fedavg", "krum", "multi-krum", "trimmed-mean", "median"])
+def test_every_strategy_composes_from_its_group(make_cfg, name):
+    assert make_cfg(f"strategy={name}").strategy.name == name
+
+
+@pytest.mark.parametrize("name", ["krum", "multi-krum", "trimmed-mean", "median"])
+def test_robust_aggregation_under_secagg_is_refused_with_the_alternative(name):
+    message = _error(f"strategy={name}", "secagg=true")
+    assert message.startswith("secagg:") and "only their sum" in message
+    assert "strategy=fedavg or strategy=dp-fedavg with secagg=true" in message
+
+
+def test_adaptive_clipping_under_secagg_is_refused():
+    message = _error("strategy=dp-fedavg", "strategy.adaptive=true", "secagg=true")
+    assert "unmasked" in message and "strategy.adaptive=false" in message
+
+
+@pytest.mark.parametrize("kind", ["non-finite", "wrong-shape"])
+def test_unrejectable_attacks_under_secagg_are_refused(kind):
+    message = _error("secagg=true", "attack.fraction=0.25", f"attack.kind={kind}")
+    assert message.startswith("attack.kind:") and "secagg=false" in message
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [["secagg=true"], ["strategy=dp-fedavg", "secagg=true"], ["strategy=krum", "attack.fraction=0.25"],
+     ["strategy=dp-fedavg", "strategy.adaptive=true"], ["secagg=true", "attack.fraction=0.25"]],
+)
+def test_valid_combinations_are_accepted(make_cfg, overrides):
+    make_cfg(*overrides)
+
+
+@pytest.mark.parametrize(
+    "overrides, key",
+    [
+        (["strategy=trimmed-mean", "strategy.beta=0.5"], "strategy.beta"),
+        (["strategy=krum", "strategy.num_malicious=-1"], "strategy.num_malicious"),
+        (["strategy=multi-krum", "strategy.num_selected=0"], "strategy.num_selected"),
+        (["strategy=dp-fedavg", "strategy.sampling=poisson"], "strategy.sample_rate"),
+        (["strategy=dp-fedavg", "strategy.sampling=shuffle"], "strategy.sampling"),
+        (["strategy=dp-fedavg", "strategy.clip_norm=0"], "strategy.clip_norm"),
+        (["strategy=dp-fedavg", "strategy.noise_multiplier=null"], "strategy.noise_multiplier"),
+        (["strategy=dp-fedavg", "strategy.delta=1"], "strategy.delta"),
+        (["strategy=dp-fedavg", "strategy.clip_norm=9", "secagg=true"], "secaggplus.clipping_range"),
+        (["strategy.name=fedprox"], "strategy.name"),
+        (["attack.kind=label-flip"], "attack.kind"),
+        (["attack.fraction=1"], "attack.fraction"),
+        (["secagg=maybe"], "secagg"),
+        (["secagg=true", "secaggplus.reconstruction_threshold=1.5"], "secaggplus.reconstruction_threshold"),
+    ],
+)
+def test_invalid_strategy_settings_name_the_key(overrides, key):
+    assert _error(*overrides).startswith(f"{key}:")
+
+
+def test_refused_combination_stops_the_server_before_any_message(tmp_path):
+    from fed_dp_lora.experiments.inprocess import run_federation
+
+    with pytest.raises(ConfigError, match="SecAgg"):
+        run_federation("+preset=tiny strategy=median secagg=true", 2, tmp_path)
+    assert not (tmp_path / "summary.json").exists()

@@ -9,6 +9,7 @@ keep the real runtime covered.
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -48,7 +49,9 @@ class InProcessGrid(Grid):
         for msg in messages:
             self.sent.append(msg)
             message_id = f"msg-{len(self.sent)}"
-            self._pending[message_id] = self.handlers[msg.metadata.dst_node_id](msg)
+            # A copy, as the runtime's serialization gives every node its own: SecAgg+'s workflow
+            # sends one RecordDict object to all nodes and secaggplus_mod edits it in place.
+            self._pending[message_id] = self.handlers[msg.metadata.dst_node_id](copy.deepcopy(msg))
             ids.append(message_id)
         return ids
 
@@ -76,6 +79,7 @@ def client_grid(run_config: dict[str, Any], num_clients: int, first_node_id: int
 
 def run_federation(overrides: str, num_clients: int, output_dir: Path) -> dict[str, Any]:
     """Run the ServerApp against in-process clients; returns the run's summary.json."""
+    from flwr.supercore.run import Run
     from flwr.supercore.task_identity import TaskIdentity
 
     from fed_dp_lora.server_app import main
@@ -84,5 +88,6 @@ def run_federation(overrides: str, num_clients: int, output_dir: Path) -> dict[s
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
     run_config = {"overrides": overrides, "output-dir": str(Path(output_dir).resolve())}
     grid = client_grid(run_config, num_clients)
+    grid.set_run(Run.create_empty(run_id=1))  # the legacy (SecAgg+) workflow reads grid.run.run_id
     main(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config))
     return json.loads((Path(output_dir) / "summary.json").read_text())

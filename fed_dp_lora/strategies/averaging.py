@@ -15,7 +15,6 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
-from omegaconf import DictConfig
 
 from fed_dp_lora.report import RunReport
 from fed_dp_lora.wire import payload_bytes, update_problem
@@ -46,8 +45,15 @@ def _train_metrics(records: list[RecordDict], weighted_by_key: str) -> MetricRec
     return MetricRecord(out)
 
 
-class AdapterFedAvg(FedAvg):
-    """FedAvg on adapters with update checks and per-client reporting."""
+class CheckedAggregation:
+    """Put in front of a Flower strategy (first base class): screen every reply, then aggregate.
+
+    Errors and malformed updates (wrong keys or shapes, NaN/Inf, absurd norms) are recorded
+    with the client's name and node id and left out; the accepted replies go to the Flower
+    strategy's own aggregate_train, so every strategy keeps the same checks and reporting.
+    """
+
+    report: RunReport
 
     def __init__(self, report: RunReport, **kwargs) -> None:
         super().__init__(fraction_evaluate=0.0, train_metrics_aggr_fn=_train_metrics, **kwargs)
@@ -61,10 +67,8 @@ class AdapterFedAvg(FedAvg):
         self._sent = (arrays, len(messages))
         return messages
 
-    def aggregate_train(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        replies = list(replies)
+    def screen(self, server_round: int, replies: Iterable[Message]) -> list[Message]:
+        """The replies that may be aggregated; records everything about the round's replies."""
         reference, sent_to = self._sent if self._sent else (None, 0)
         accepted: list[Message] = []
         failures: dict[str, str] = {}
@@ -93,15 +97,13 @@ class AdapterFedAvg(FedAvg):
         bytes_down = payload_bytes(reference) * sent_to if reference is not None else 0
         self.report.record_train(server_round, clients, failures, bytes_up, bytes_down)
         log(INFO, "Round %d: %d updates accepted, %d failed", server_round, len(accepted), len(failures))
-        return super().aggregate_train(server_round, accepted)
+        return accepted
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        return super().aggregate_train(server_round, self.screen(server_round, list(replies)))  # type: ignore[misc]
 
 
-def build_strategy(cfg: DictConfig, report: RunReport) -> AdapterFedAvg:
-    s = cfg.strategy
-    return AdapterFedAvg(
-        report,
-        fraction_train=float(s.fraction_train),
-        min_train_nodes=int(s.min_train_clients),
-        min_available_nodes=int(s.min_available_clients),
-    )
-
+class AdapterFedAvg(CheckedAggregation, FedAvg):
+    """FedAvg on adapters with update checks and per-client reporting."""

@@ -25,7 +25,8 @@ from fed_dp_lora.local_round import cached_model, client_data
 from fed_dp_lora.models import build_model, load_trainable_state, trainable_state
 from fed_dp_lora.privacy.accountant import PrivacyLedger
 from fed_dp_lora.report import RunReport
-from fed_dp_lora.strategies.averaging import AdapterFedAvg, build_strategy
+from fed_dp_lora.strategies import build_strategy
+from fed_dp_lora.strategies.averaging import AdapterFedAvg
 
 # One Poisson step on an expected batch of 16 per round, fixed noise (no calibration).
 FAST = "+preset=tiny train.batch_size=16 train.epochs=0.001 privacy.noise_multiplier=1.0"
