@@ -42,7 +42,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--fraction", type=float, default=0.25, help="malicious fraction of the attacked runs")
     parser.add_argument("--attack", default="sign-flip attack.scale=10", help="attack.kind=... and its settings")
-    parser.add_argument("--base", default="model.keep_layers=2 train.max_length=32 privacy=none "
+    parser.add_argument("--base", default="model.keep_layers=2 model.pooling=mean train.max_length=32 privacy=none "
                         "train.batch_size=64 train.lr=0.01 train.epochs=0.5",
                         help="Hydra overrides shared by every cell")
     parser.add_argument("--out", type=Path, default=None, help="keep each cell's outputs here")
