@@ -516,7 +516,8 @@ def test_record_weights_scale_clipped_gradients_and_keep_sensitivity(make_cfg):
     got = summed(weights, torch.arange(n))
     for name in params:
         want = sum(float(weights[i]) * singles[i][name] for i in range(n))
-        assert torch.allclose(got[name], want, rtol=1e-4, atol=1e-12), name
+        # atol 1e-6 C: batched and single records differ by float32 rounding (other padding widths)
+        assert torch.allclose(got[name], want, rtol=1e-4, atol=1e-6 * clip), (name, float((got[name] - want).abs().max()))
 
 
 def test_record_weights_outside_unit_interval_are_refused(make_cfg):
