@@ -2,11 +2,8 @@
 
 Tiny settings (2 layers, 32 tokens, one Poisson step of ~16 records, a 5% central test set,
 one round, 2 simulated SuperNodes). Checks are on what each run wrote (summary.json,
-adapters, streamed log), never on exit codes alone. One run per server code path keeps this
-module near 4 minutes: multi-krum is AdapterMultiKrum with another num_selected (krum runs
-here), fedavg under SecAgg+ is SecAggAdapterStrategy without the DP mechanism (dp-fedavg under
-SecAgg+ runs here); both variants are covered in process (tests/strategies/), and plain
-fedavg by test_simulation.py.
+adapters, streamed log), never on exit codes alone. Every strategy choice runs here (plain
+fedavg in test_simulation.py), with and without DP-FedAvg under SecAgg+.
 """
 
 from __future__ import annotations
@@ -27,9 +24,11 @@ TINY = "+preset=tiny train.batch_size=16 train.epochs=0.001 privacy.noise_multip
 RUNS = {
     "dp-fedavg": "strategy=dp-fedavg strategy.noise_multiplier=1.0",
     "krum": "strategy=krum strategy.num_malicious=0",
+    "multi-krum": "strategy=multi-krum strategy.num_malicious=0",
     "trimmed-mean": "strategy=trimmed-mean",
     "median": "strategy=median attack.fraction=0.5 attack.kind=non-finite",
     "secagg-dp-fedavg": "secagg=true strategy=dp-fedavg strategy.noise_multiplier=1.0",
+    "secagg-fedavg": "secagg=true strategy=fedavg",
 }
 
 
@@ -79,6 +78,8 @@ def test_strategy_runs_end_to_end_with_the_same_outputs(runs, name):
         assert entry["failures"] == {}
     if name == "krum":
         assert len(entry["strategy"]["selected"]) == 1
+    if name == "multi-krum":  # m = n - f = 2 of 2
+        assert entry["strategy"]["selected"] == [f"client-{i}" for i in range(NODES)]
     if name.endswith("dp-fedavg"):
         assert entry["strategy"]["aggregated"] == NODES and entry["strategy"]["denominator"] == NODES
         assert user["epsilon"] > 0 and user["rounds"] == 1
