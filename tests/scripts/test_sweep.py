@@ -56,8 +56,12 @@ def test_tables_report_mean_sd_and_the_measured_epsilon(sweep, tmp_path):
     assert (tmp_path / "p.png").stat().st_size > 10_000
 
 
-def test_readme_section_is_replaced_between_markers(sweep, tmp_path):
+def test_readme_section_is_replaced_between_markers(tmp_path):
+    from fed_dp_lora.experiments.readme import write_section
+
     readme = tmp_path / "README.md"
-    readme.write_text(f"top\n{sweep.README_BEGIN}\nold\n{sweep.README_END}\nbottom\n")
-    sweep.update_readme(readme, "new table\n")
-    assert readme.read_text() == f"top\n{sweep.README_BEGIN}\nnew table\n{sweep.README_END}\nbottom\n"
+    readme.write_text("top\n<!-- sweep:begin -->\nold\n<!-- sweep:end -->\nbottom\n")
+    write_section(readme, "sweep", "new table\n")
+    assert readme.read_text() == "top\n<!-- sweep:begin -->\nnew table\n<!-- sweep:end -->\nbottom\n"
+    with pytest.raises(SystemExit, match="no <!-- audit:begin -->"):
+        write_section(readme, "audit", "x")

@@ -14,19 +14,19 @@ import logging
 import numpy as np
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, RecordDict
 from flwr.supercore.logger import FLOWER_LOGGER
 
 from fed_dp_lora.client_app import LEDGER_KEY, REFUSED_BUDGET, REFUSED_CONFIG
 from fed_dp_lora.client_app import app as client_app
 from fed_dp_lora.config import load_config, resolve_delta, to_plain
-from fed_dp_lora.experiments.inprocess import Handler, InProcessGrid
+from fed_dp_lora.experiments.inprocess import InProcessGrid
 from fed_dp_lora.local_round import cached_model, client_data
 from fed_dp_lora.models import build_model, load_trainable_state, trainable_state
 from fed_dp_lora.privacy.accountant import PrivacyLedger
 from fed_dp_lora.report import RunReport
 from fed_dp_lora.strategies import build_strategy
-from fed_dp_lora.strategies.averaging import AdapterFedAvg
+from tests.strategies.helpers import error_reply, filled, reply_with, run_strategy
 
 # One Poisson step on an expected batch of 16 per round, fixed noise (no calibration).
 FAST = "+preset=tiny train.batch_size=16 train.epochs=0.001 privacy.noise_multiplier=1.0"
@@ -52,29 +52,6 @@ def flwr_log():
 
 def make_report(tmp_path, cfg) -> RunReport:
     return RunReport(tmp_path, to_plain(cfg))
-
-
-def run_strategy(strategy: AdapterFedAvg, grid: InProcessGrid, initial: dict, rounds: int = 1):
-    return strategy.start(grid=grid, initial_arrays=ArrayRecord(initial), num_rounds=rounds,
-                          train_config=ConfigRecord())
-
-
-def reply_with(arrays: dict[str, torch.Tensor], num_examples: int, **metrics) -> Handler:
-    """A node that answers every train message with these tensors and metrics."""
-
-    def handle(msg: Message) -> Message:
-        record = MetricRecord({"num-examples": num_examples, "train-loss": 0.5, **metrics})
-        return Message(RecordDict({"arrays": ArrayRecord(arrays), "metrics": record}), reply_to=msg)
-
-    return handle
-
-
-def error_reply(code: int, reason: str) -> Handler:
-    return lambda msg: Message(Error(code=code, reason=reason), reply_to=msg)
-
-
-def filled(reference: dict[str, torch.Tensor], value: float) -> dict[str, torch.Tensor]:
-    return {k: torch.full_like(v, value) for k, v in reference.items()}
 
 
 def npy_bytes(t: torch.Tensor) -> int:
