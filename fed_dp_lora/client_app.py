@@ -14,11 +14,11 @@ from fed_dp_lora.data import DataError
 from fed_dp_lora.local_round import train_round
 from fed_dp_lora.privacy.accountant import BudgetExceeded
 from fed_dp_lora.privacy.engine import CoverageError
-from fed_dp_lora.wire import is_legacy_fitins, secagg_fitins, secagg_fitres
+from fed_dp_lora.privacy.ledger_store import LedgerError
+from fed_dp_lora.wire import (REFUSED_BUDGET, REFUSED_CONFIG, REFUSED_LEDGER, is_legacy_fitins, secagg_fitins,
+                              secagg_fitres)
 
 LEDGER_KEY = "privacy-ledger"
-# Error codes in replies, so the server can tell a refusal from a crash.
-REFUSED_BUDGET, REFUSED_CONFIG = 100, 101
 
 app = ClientApp()
 
@@ -43,11 +43,15 @@ def train(msg: Message, context: Context) -> Message:
         if cfg.secagg:
             global_state, config = secagg_fitins(msg.content)
         else:
-            global_state, config = msg.content["arrays"].to_torch_state_dict(), {}
+            global_state = msg.content["arrays"].to_torch_state_dict()
+            config = dict(msg.content.config_records.get("config", {}))
         ledger = context.state.config_records.get(LEDGER_KEY)
-        result = train_round(cfg, context.node_config, global_state, dict(ledger) if ledger is not None else None)
+        result = train_round(cfg, context.node_config, global_state, dict(ledger) if ledger is not None else None,
+                             int(config.get("server-round", 0)), config.get("study-id"))
     except BudgetExceeded as err:
         return Message(Error(code=REFUSED_BUDGET, reason=str(err)), reply_to=msg)
+    except LedgerError as err:
+        return Message(Error(code=REFUSED_LEDGER, reason=f"LedgerError: {err}"), reply_to=msg)
     except (ConfigError, DataError, CoverageError) as err:
         return Message(Error(code=REFUSED_CONFIG, reason=f"{type(err).__name__}: {err}"), reply_to=msg)
     if result.ledger is not None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 import warnings
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -20,12 +21,14 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from fed_dp_lora.attacks import attack, is_malicious
-from fed_dp_lora.config import ConfigError, resolve_delta
+from fed_dp_lora.config import ConfigError, NodeSettings, apply_node_config, resolve_delta
 from fed_dp_lora.data import client_partition, holdout_split, label_names, load_table
 from fed_dp_lora.data.canaries import canary_words, client_canaries
 from fed_dp_lora.models import build_model, load_tokenizer, load_trainable_state, trainable_state
 from fed_dp_lora.privacy.accountant import PrivacyLedger, calibrate_noise
 from fed_dp_lora.privacy.engine import GradientEngine, PrivateGradientEngine
+from fed_dp_lora.privacy.ledger_store import ClientStateDir, reconcile, state_digest
+from fed_dp_lora.privacy.streams import institution_secret, model_seed, round_generators, simulation_secret
 from fed_dp_lora.training import Encoded, encode, plan_steps, train_local
 
 log = logging.getLogger(__name__)
@@ -73,22 +76,19 @@ def client_data(cfg: DictConfig, node_config: Mapping[str, Any]) -> Encoded:
 
     With the audit on, the client's included canaries are added to its records.
     """
+    return _client_data(*apply_node_config(cfg, node_config))
+
+
+def _client_data(cfg: DictConfig, node: NodeSettings) -> Encoded:
     key = _key(cfg, "model", "data", "train", "seed", "audit")
-    has_slot = "partition-id" in node_config and "num-partitions" in node_config
-    slot = (int(node_config["partition-id"]), int(node_config["num-partitions"])) if has_slot else None
-    if "data-path" in node_config:
-        if cfg.audit.enabled and slot is None:
+    if node.data_path is not None:
+        if cfg.audit.enabled and node.partition is None:
             raise ConfigError(
                 "audit.enabled: each canary must go to exactly one institution, and this SuperNode "
                 "has no slot. Fix: add partition-id=<i> num-partitions=<n> to its --node-config"
             )
-        return _cached_client_data(key, str(node_config["data-path"]), slot)
-    if slot is None:
-        raise ConfigError(
-            "node config: neither data-path nor partition-id is set. Fix: start the SuperNode "
-            "with --node-config 'data-path=\"/path/to/records.csv\"'"
-        )
-    return _cached_client_data(key, None, slot)
+        return _cached_client_data(key, node.data_path, node.partition)
+    return _cached_client_data(key, None, node.partition)
 
 
 @dataclass
@@ -104,36 +104,79 @@ def _class_weights(cfg: DictConfig, device: torch.device) -> torch.Tensor | None
     return torch.tensor([float(w) for w in cfg.data.class_weights], device=device)
 
 
+_process_started = True  # the first round in this process pays for Python start-up and imports
+
+
+def _startup_seconds() -> float:
+    """Seconds from this process' start to now (psutil ships with Flower's simulation extra)."""
+    import psutil
+
+    return max(0.0, time.time() - psutil.Process().create_time())
+
+
+def _client_secret(cfg: DictConfig, node: NodeSettings, store: ClientStateDir | None) -> bytes | None:
+    if node.data_path is None and node.partition is not None:
+        return simulation_secret(int(cfg.seed), node.partition[0])
+    if store is not None:
+        return institution_secret(store.secret(), store.study)
+    return None  # no place to keep a key: fresh OS entropy each round
+
+
 def train_round(
     cfg: DictConfig,
     node_config: Mapping[str, Any],
     global_state: dict[str, torch.Tensor],
     ledger_state: Mapping[str, Any] | None,
+    server_round: int = 0,
+    study: str | None = None,
 ) -> RoundResult:
-    """Train this client on the global adapter; raises BudgetExceeded before any training."""
-    data = client_data(cfg, node_config)
+    """Train this client on the global adapter; raises BudgetExceeded before any training.
+
+    `server_round` and `study` (sent by the server) key the on-disk ledger, the random streams
+    and the kept release; without them (direct calls in tests) nothing is persisted and the
+    streams come from OS entropy.
+    """
+    global _process_started
+    started = time.perf_counter()
+    timing = {"startup-seconds": _startup_seconds() if _process_started else 0.0}
+    _process_started = False
+    cfg, node = apply_node_config(cfg, node_config)
+    store = ClientStateDir(node.state_dir, study) if node.state_dir and study and server_round else None
+    data = _client_data(cfg, node)
     n = len(data)
     rate, steps = plan_steps(n, int(cfg.train.batch_size), float(cfg.train.epochs))
     model = cached_model(cfg)
     load_trainable_state(model, global_state)
     device = next(p for p in model.parameters() if p.requires_grad).device
     metrics: dict[str, float] = {"num-examples": n, "sample-rate": rate}
-    if "partition-id" in node_config:
-        metrics["partition-id"] = int(node_config["partition-id"])
+    if node.partition is not None:
+        metrics["partition-id"] = node.partition[0]
+    secret = _client_secret(cfg, node, store) if server_round else None
+    sampling, noise = round_generators(secret, server_round, device) if secret else (None, None)
+    if secret:
+        torch.manual_seed(model_seed(secret, server_round))  # dropout
     ledger = None
+    digest = state_digest(global_state) if store is not None else ""
     if cfg.privacy.enabled:
         delta = resolve_delta(cfg, n)
-        ledger = (
-            PrivacyLedger.from_dict(dict(ledger_state))
-            if ledger_state
-            else PrivacyLedger(accountant=str(cfg.privacy.accountant), delta=delta)
-        )
+        memory = PrivacyLedger.from_dict(dict(ledger_state)) if ledger_state else None
+        ledger = reconcile(memory, store.load_ledger() if store else None, store.ledger_path if store else None)
+        ledger = ledger or PrivacyLedger(accountant=str(cfg.privacy.accountant), delta=delta)
         if ledger.delta != delta or ledger.accountant != cfg.privacy.accountant:
             raise ConfigError(
                 "privacy: this client's ledger was kept with delta "
                 f"{ledger.delta:g} / {ledger.accountant}, the run now asks for {delta:g} / "
                 f"{cfg.privacy.accountant}. Fix: keep privacy settings fixed within a run"
             )
+        if store is not None and server_round in ledger.rounds:
+            kept = store.release(server_round, digest)
+            if kept is not None:
+                # Same round, same global adapter: resend what was released; nothing new leaks.
+                log.info("Round %d was already trained here; resending the kept update", server_round)
+                state, kept_metrics = kept
+                return RoundResult(state, {**kept_metrics, "replayed": 1.0}, ledger.to_dict())
+            log.warning("Round %d was already trained here from another global adapter; training "
+                        "again is a new release and is counted again", server_round)
         if cfg.privacy.noise_multiplier is not None:
             sigma = float(cfg.privacy.noise_multiplier)
         elif ledger.history:
@@ -145,21 +188,28 @@ def train_round(
         budget = None if cfg.privacy.epsilon is None else float(cfg.privacy.epsilon)
         ledger.check_budget((sigma, rate, steps), budget)
         engine: GradientEngine = PrivateGradientEngine(
-            model, rate * n, float(cfg.privacy.clip_norm), sigma
+            model, rate * n, float(cfg.privacy.clip_norm), sigma, generator=noise
         )
         metrics.update({"noise-multiplier": sigma, "delta": delta})
     else:
         engine = GradientEngine(model, rate * n)
+    loaded = time.perf_counter()
     try:
-        stats = train_local(engine, data, cfg, rate, steps, _class_weights(cfg, device))
+        stats = train_local(engine, data, cfg, rate, steps, _class_weights(cfg, device), generator=sampling)
     finally:
         engine.detach()
     if ledger is not None:
-        ledger.record(engine.noise_multiplier, rate, stats.steps)  # type: ignore[attr-defined]
+        ledger.record(engine.noise_multiplier, rate, stats.steps, server_round)  # type: ignore[attr-defined]
+        if store is not None:
+            store.save_ledger(ledger)  # on disk before the update can leave this client
         metrics.update({"epsilon": ledger.epsilon(), "steps-total": ledger.steps})
     metrics.update({"steps": stats.steps, "train-loss": stats.mean_loss, "empty-batches": stats.empty_batches})
     state = trainable_state(model)
     if is_malicious(cfg, node_config):
         # A simulated attacker: it trained (and spent budget) like everyone, then lies.
         state = attack(str(cfg.attack.kind), global_state, state, float(cfg.attack.scale))
+    timing.update({"load-seconds": loaded - started, "train-seconds": time.perf_counter() - loaded})
+    metrics.update(timing)
+    if store is not None and ledger is not None:
+        store.save_release(server_round, digest, state, metrics)
     return RoundResult(state, metrics, ledger.to_dict() if ledger else None)

@@ -32,8 +32,21 @@ class RunReport:
         self.majority_baseline: dict[str, float] | None = None
         self.user_level: dict[str, Any] | None = None  # set by DP-FedAvg: the user-level guarantee
         self.audit: dict[str, Any] | None = None
+        self.run: dict[str, Any] = {"study": None, "resumed_after_round": [], "stopped": None}
         self.started = time.time()
         out_dir.mkdir(parents=True, exist_ok=True)
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a resumed run needs to go on writing the same summary (see checkpoint.py)."""
+        return {"rounds": self.rounds, "clients": self.clients, "user_level": self.user_level,
+                "run": self.run, "elapsed": time.time() - self.started}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.rounds = list(state["rounds"])
+        self.clients = dict(state["clients"])
+        self.user_level = state["user_level"]
+        self.run = dict(state["run"])
+        self.started = time.time() - float(state["elapsed"])  # `seconds` counts running time only
 
     def record_train(
         self,
@@ -101,6 +114,7 @@ class RunReport:
             final["majority_baseline"] = self.majority_baseline
         return {
             "config": self.config,
+            "run": self.run,
             "rounds": self.rounds,
             "final": final,
             "privacy": {

@@ -6,15 +6,17 @@ with the same evaluation, adapter folders and summary.json.
 
 from __future__ import annotations
 
+import random
 import time
 from logging import INFO
 from pathlib import Path
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
+from fed_dp_lora import checkpoint
 from fed_dp_lora.canary_audit import CanaryAudit
 from fed_dp_lora.central import CentralEvaluator
 from fed_dp_lora.config import load_config, to_plain
@@ -22,6 +24,7 @@ from fed_dp_lora.report import RunReport
 from fed_dp_lora.report_page import write_report
 from fed_dp_lora.strategies import build_strategy
 from fed_dp_lora.strategies.factory import user_level_dp
+from fed_dp_lora.strategies.rounds import run_rounds
 from fed_dp_lora.strategies.secagg import run_secagg
 from fed_dp_lora.tracking import make_tracker
 
@@ -42,6 +45,7 @@ def main(grid: Grid, context: Context) -> None:
     cfg.output_dir = str(out)
     log(INFO, "fed-dp-lora: outputs go to %s", out)
     report = RunReport(out, to_plain(cfg))
+    resumed = checkpoint.resume_point(out, report.config, bool(cfg.resume))
     tracker = make_tracker(str(cfg.tracking.backend), out)
     tracker.log_config(report.config)
     central = CentralEvaluator(cfg)
@@ -52,7 +56,20 @@ def main(grid: Grid, context: Context) -> None:
         log(INFO, "Majority-class baseline on the central test set: %s", central.majority)
 
     rounds, interval = int(cfg.rounds), int(cfg.eval.interval)
-    final = dict(initial)
+    strategy = None if cfg.secagg else build_strategy(cfg, report)
+    start_arrays = dict(initial)
+    if resumed is None:
+        report.run["study"] = checkpoint.new_study()
+    else:
+        report.load_state_dict(resumed.report)
+        report.run["resumed_after_round"].append(resumed.completed_round)
+        assert strategy is not None  # config.validate refuses resume with secagg
+        strategy.load_state_dict(resumed.strategy)
+        resumed.restore_rng()
+        start_arrays = dict(resumed.adapter)
+        log(INFO, "fed-dp-lora: resuming study %s after round %d of %d", report.run["study"],
+            resumed.completed_round, rounds)
+    final = dict(start_arrays)
 
     def evaluate_state(server_round: int, state: dict[str, torch.Tensor]) -> dict[str, float] | None:
         # Round 0 (the initial adapter) is evaluated only when every round is.
@@ -70,19 +87,28 @@ def main(grid: Grid, context: Context) -> None:
 
     if cfg.secagg:
         dp = user_level_dp(cfg, report) if cfg.strategy.name == "dp-fedavg" else None
-        run_secagg(grid, context, cfg, report, initial, evaluate_state, dp)
+        run_secagg(grid, context, cfg, report, initial, evaluate_state, dp, report.run["study"])
     else:
-        def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
-            metrics = evaluate_state(server_round, arrays.to_torch_state_dict())
-            return None if metrics is None else MetricRecord(metrics)
+        assert strategy is not None
 
-        build_strategy(cfg, report).start(
-            grid=grid,
-            initial_arrays=ArrayRecord(initial),
-            num_rounds=rounds,
-            train_config=ConfigRecord(),
-            evaluate_fn=evaluate_fn,
-        )
+        def after_round(server_round: int, arrays: ArrayRecord) -> None:
+            evaluate_state(server_round, arrays.to_torch_state_dict())
+            report.run["stopped"] = strategy.stop_reason
+            checkpoint.save(out, checkpoint.Checkpoint(
+                study=report.run["study"], completed_round=server_round, config=report.config,
+                adapter=dict(final), strategy=strategy.state_dict(), report=report.state_dict(),
+                python_rng=random.getstate(),
+            ))
+
+        first = 1 if resumed is None else resumed.completed_round + 1
+        if resumed is None:
+            evaluate_state(0, initial)
+        if resumed is not None and resumed.report["run"]["stopped"]:
+            log(INFO, "fed-dp-lora: the run had stopped early (%s); nothing to resume", resumed.report["run"]["stopped"])
+        else:
+            run_rounds(strategy, grid, ArrayRecord(start_arrays), range(first, rounds + 1),
+                       ConfigRecord({"study-id": report.run["study"]}), float(cfg.strategy.round_timeout),
+                       after_round)
     if audit is not None:
         report.audit = audit.result(final, *report.claim())
         log(INFO, "Privacy audit: epsilon lower bound %.3f at %.0f%% confidence (claimed: %s)",

@@ -10,6 +10,10 @@ from flwr.compat.common import recorddict_compat as compat
 
 from fed_dp_lora.privacy.user_level import clip_update
 
+# Error codes in a client's reply, so the server can tell a refusal from a crash: out of
+# privacy budget, bad configuration or data, and a stored ledger that cannot be trusted.
+REFUSED_BUDGET, REFUSED_CONFIG, REFUSED_LEDGER = 100, 101, 102
+
 
 def payload_bytes(arrays: ArrayRecord) -> int:
     """Bytes of the serialized tensors in one ArrayRecord."""

@@ -11,17 +11,21 @@ round plans max(1, 0) = 1 step) on an expected batch of 16: about a second on CP
 
 from __future__ import annotations
 
+import shutil
+
 import pandas as pd
 import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 
-from fed_dp_lora.client_app import LEDGER_KEY, REFUSED_BUDGET, REFUSED_CONFIG, app
+from fed_dp_lora import local_round
+from fed_dp_lora.client_app import LEDGER_KEY, REFUSED_BUDGET, REFUSED_CONFIG, REFUSED_LEDGER, app
 from fed_dp_lora.config import load_config
 from fed_dp_lora.data.sources import CREDIT_LABELS, credit_table
 from fed_dp_lora.local_round import cached_model
 from fed_dp_lora.models import trainable_state
 from fed_dp_lora.privacy.accountant import PrivacyLedger
+from fed_dp_lora.privacy.ledger_store import ClientStateDir
 
 FAST = "+preset=tiny train.batch_size=16 train.epochs=0.001"
 FIXED_NOISE = f"{FAST} privacy.noise_multiplier=1.0 rounds=3"
@@ -50,10 +54,10 @@ def global_adapter(overrides: str) -> dict[str, torch.Tensor]:
     return trainable_state(cached_model(load_config(run_config(overrides))))
 
 
-def train_message(state: dict[str, torch.Tensor], server_round: int, node_id: int = 11) -> Message:
-    content = RecordDict(
-        {"arrays": ArrayRecord(state), "config": ConfigRecord({"server-round": server_round})}
-    )
+def train_message(state: dict[str, torch.Tensor], server_round: int, node_id: int = 11,
+                  study: str | None = None) -> Message:
+    config = {"server-round": server_round, **({"study-id": study} if study else {})}
+    content = RecordDict({"arrays": ArrayRecord(state), "config": ConfigRecord(config)})
     return Message(content, dst_node_id=node_id, message_type=MessageType.TRAIN)
 
 
@@ -136,7 +140,7 @@ def test_second_round_refused_when_the_planned_budget_is_spent():
 
 def test_missing_data_file_is_a_config_refusal_naming_the_file(tmp_path):
     missing = tmp_path / "institution-7.csv"
-    context = make_context(FIXED_NOISE, node_config={"data-path": str(missing)})
+    context = make_context(FIXED_NOISE, node_config={"data-path": str(missing), "state-dir": str(tmp_path / "s")})
     reply = app(train_message(global_adapter(FIXED_NOISE), 1), context)
 
     assert reply.has_error() and not reply.has_content()
@@ -153,7 +157,7 @@ def test_deployment_node_trains_on_its_data_path_file(tmp_path):
     ).to_csv(csv, index=False)
 
     state = global_adapter(FIXED_NOISE)
-    context = make_context(FIXED_NOISE, node_config={"data-path": str(csv)})
+    context = make_context(FIXED_NOISE, node_config={"data-path": str(csv), "state-dir": str(tmp_path / "s")})
     reply = app(train_message(state, 1), context)
     m = ok_metrics(reply)
 
@@ -167,3 +171,95 @@ def test_deployment_node_trains_on_its_data_path_file(tmp_path):
     assert returned.keys() == state.keys()
     changed = [k for k in state if not torch.equal(returned[k], state[k])]
     assert changed, "the adapter came back unchanged: no training happened"
+
+
+# --- deployment: the ledger on the institution's disk, kept releases, the noise key ----------
+
+STUDY = "study-1"
+
+
+@pytest.fixture(scope="module")
+def bank_csv(tmp_path_factory):
+    table = credit_table("classification").sample(n=60, random_state=5)
+    csv = tmp_path_factory.mktemp("bank") / "bank.csv"
+    pd.DataFrame({"text": table["text"], "label": [CREDIT_LABELS[i] for i in table["label"]]}).to_csv(csv, index=False)
+    return csv
+
+
+def institution(bank_csv, state_dir, **extra) -> Context:
+    return make_context(FIXED_NOISE, node_config={"data-path": str(bank_csv), "state-dir": str(state_dir), **extra})
+
+
+def arrays_of(reply: Message) -> dict[str, torch.Tensor]:
+    return reply.content["arrays"].to_torch_state_dict()
+
+
+def test_ledger_survives_a_supernode_restart_on_the_institution_disk(bank_csv, tmp_path):
+    state = global_adapter(FIXED_NOISE)
+    m1 = ok_metrics(app(train_message(state, 1, study=STUDY), institution(bank_csv, tmp_path)))
+    # The SuperNode restarts: a new Context with empty state, same state-dir.
+    m2 = ok_metrics(app(train_message(state, 2, study=STUDY), institution(bank_csv, tmp_path)))
+    assert m2["steps-total"] == m1["steps"] + m2["steps"]
+    assert m2["epsilon"] == pytest.approx(ledger_from_metrics(m1, m2).epsilon(), rel=1e-12)
+    stored = ClientStateDir(tmp_path, STUDY).load_ledger()
+    assert stored.rounds == [1, 2] and stored.epsilon() == pytest.approx(m2["epsilon"], rel=1e-12)
+    assert ClientStateDir(tmp_path, "another-study").load_ledger() is None
+
+
+def test_an_unreadable_ledger_makes_the_node_refuse_to_train(bank_csv, tmp_path, monkeypatch):
+    state = global_adapter(FIXED_NOISE)
+    ok_metrics(app(train_message(state, 1, study=STUDY), institution(bank_csv, tmp_path)))
+    path = ClientStateDir(tmp_path, STUDY).ledger_path
+    path.write_text('{"study": "study-1", "ledger": {"noise": [1.0]')  # torn / damaged
+    called = []
+    monkeypatch.setattr(local_round, "train_local", lambda *a, **k: called.append(1))
+    reply = app(train_message(state, 2, study=STUDY), institution(bank_csv, tmp_path))
+    assert reply.has_error() and reply.error.code == REFUSED_LEDGER
+    assert str(path) in reply.error.reason and "zero epsilon" in reply.error.reason
+    assert called == [] and path.read_text().endswith("[1.0]")
+
+
+def test_a_round_trained_again_on_the_same_adapter_resends_its_update_at_no_cost(bank_csv, tmp_path):
+    state = global_adapter(FIXED_NOISE)
+    first = app(train_message(state, 1, study=STUDY), institution(bank_csv, tmp_path))
+    m1 = ok_metrics(first)
+    # The server was stopped before it finished round 1 and asks again, from a new process.
+    again = app(train_message(state, 1, study=STUDY), institution(bank_csv, tmp_path))
+    m_again = ok_metrics(again)
+    assert m_again["replayed"] == 1.0 and m_again["epsilon"] == m1["epsilon"]
+    assert all(torch.equal(arrays_of(again)[k], arrays_of(first)[k]) for k in state)
+    assert ClientStateDir(tmp_path, STUDY).load_ledger().rounds == [1]
+    # A different global adapter for the same round is a new release, and is counted.
+    other = {k: v + 0.01 for k, v in state.items()}
+    m_other = ok_metrics(app(train_message(other, 1, study=STUDY), institution(bank_csv, tmp_path)))
+    assert "replayed" not in m_other and m_other["steps-total"] == 2 * m1["steps"]
+    assert ClientStateDir(tmp_path, STUDY).load_ledger().rounds == [1, 1]
+
+
+def test_the_noise_comes_from_the_institution_key(bank_csv, tmp_path):
+    state = global_adapter(FIXED_NOISE)
+    a = arrays_of(app(train_message(state, 1, study=STUDY), institution(bank_csv, tmp_path / "a")))
+    b = arrays_of(app(train_message(state, 1, study=STUDY), institution(bank_csv, tmp_path / "b")))
+    assert any(not torch.equal(a[k], b[k]) for k in state), "two keys, same noise"
+    (tmp_path / "c").mkdir()
+    shutil.copy(tmp_path / "a" / "noise.key", tmp_path / "c" / "noise.key")
+    c = arrays_of(app(train_message(state, 1, study=STUDY), institution(bank_csv, tmp_path / "c")))
+    assert all(torch.allclose(a[k], c[k], atol=1e-6) for k in state), "same key, same round: same draw"
+    d = arrays_of(app(train_message(state, 1, study="study-2"), institution(bank_csv, tmp_path / "c")))
+    assert any(not torch.equal(a[k], d[k]) for k in state), "two studies must never share noise"
+
+
+def test_an_institution_budget_below_the_run_budget_calibrates_more_noise(bank_csv, tmp_path):
+    overrides = f"{FAST} privacy.epsilon=8 rounds=2"
+    state = global_adapter(overrides)
+    node = {"data-path": str(bank_csv), "state-dir": str(tmp_path / "x")}
+    loose = ok_metrics(app(train_message(state, 1, study=STUDY), make_context(overrides, node_config=node)))
+    strict_node = {**node, "state-dir": str(tmp_path / "y"), "epsilon": 1.0}
+    strict = ok_metrics(app(train_message(state, 1, study=STUDY), make_context(overrides, node_config=strict_node)))
+    assert strict["noise-multiplier"] > loose["noise-multiplier"] * 1.5
+    assert strict["epsilon"] <= 1.0 * (1 + 1e-9) < loose["epsilon"]
+
+
+def test_cold_start_load_and_train_times_are_reported(bank_csv, tmp_path):
+    m = ok_metrics(app(train_message(global_adapter(FIXED_NOISE), 1, study=STUDY), institution(bank_csv, tmp_path)))
+    assert m["load-seconds"] > 0 and m["train-seconds"] > 0 and m["startup-seconds"] >= 0

@@ -316,3 +316,68 @@ def test_refused_combination_stops_the_server_before_any_message(tmp_path):
     with pytest.raises(ConfigError, match="SecAgg"):
         run_federation("+preset=tiny strategy=median secagg=true", 2, tmp_path)
     assert not (tmp_path / "summary.json").exists()
+
+
+# --- per-institution settings (node config) and resume ----------------------------------------
+
+from fed_dp_lora.config import apply_node_config, load_config  # noqa: E402
+
+
+def deployment(tmp_path, **extra) -> dict:
+    return {"data-path": str(tmp_path / "records.csv"), "state-dir": str(tmp_path / "state"), **extra}
+
+
+def test_node_settings_apply_to_this_client_only(make_cfg, tmp_path):
+    cfg = make_cfg("privacy.epsilon=8")
+    mine, node = apply_node_config(cfg, deployment(tmp_path, **{"batch-size": 32, "device": "cpu", "epsilon": 2.0}))
+    assert (mine.train.batch_size, mine.train.device, mine.privacy.epsilon) == (32, "cpu", 2.0)
+    assert cfg.train.batch_size != 32 and cfg.privacy.epsilon == 8  # the run's config is untouched
+    assert node.data_path.endswith("records.csv") and node.state_dir.endswith("state") and node.partition is None
+
+
+def test_an_institution_budget_only_ever_tightens_the_run_budget(make_cfg, tmp_path):
+    cfg = make_cfg("privacy.epsilon=4")
+    assert apply_node_config(cfg, deployment(tmp_path, epsilon=10))[0].privacy.epsilon == 4
+    with pytest.raises(ConfigError, match="node-config epsilon.*privacy off"):
+        apply_node_config(make_cfg("privacy=none"), deployment(tmp_path, epsilon=1))
+
+
+@pytest.mark.parametrize("node_config, match", [
+    ({"data-pth": "/x.csv"}, r"unknown key\(s\) \['data-pth'\].*data-path"),
+    ({"batch-size": "big"}, "node-config batch-size.*not a number"),
+    ({"batch-size": 2.5}, "node-config batch-size"),
+    ({"batch-size": 0}, "train.batch_size"),
+    ({"device": "tpu"}, "train.device"),
+    ({"epsilon": -1}, "node-config epsilon"),
+    ({"data-path": 3}, "node-config data-path.*not a string"),
+    ({"state-dir": "relative/dir"}, "state-dir.*not absolute"),
+])
+def test_bad_node_settings_name_the_key_and_the_fix(make_cfg, tmp_path, node_config, match):
+    base = deployment(tmp_path)
+    with pytest.raises(ConfigError, match=match):
+        apply_node_config(make_cfg(), {**base, **node_config})
+
+
+def test_deployment_with_dp_needs_a_state_dir_for_the_ledger(make_cfg, tmp_path):
+    with pytest.raises(ConfigError, match="state-dir.*is missing.*restarted SuperNode"):
+        apply_node_config(make_cfg(), {"data-path": str(tmp_path / "r.csv")})
+    apply_node_config(make_cfg("privacy=none"), {"data-path": str(tmp_path / "r.csv")})
+
+
+def test_simulated_clients_keep_their_ledgers_next_to_the_run_outputs(make_cfg, tmp_path):
+    cfg = make_cfg()
+    cfg.output_dir = str(tmp_path)
+    _, node = apply_node_config(cfg, {"partition-id": 2, "num-partitions": 3})
+    assert node.state_dir == str(tmp_path / "client-state" / "partition-2") and node.partition == (2, 3)
+    cfg.output_dir = None
+    assert apply_node_config(cfg, {"partition-id": 2, "num-partitions": 3})[1].state_dir is None
+
+
+def test_resume_needs_an_output_dir_and_refuses_secagg(tmp_path):
+    assert load_config({"overrides": "+preset=tiny", "output-dir": str(tmp_path), "resume": True}).resume
+    with pytest.raises(ConfigError, match="resume: needs the stopped run's output-dir"):
+        load_config({"overrides": "+preset=tiny", "resume": True})
+    with pytest.raises(ConfigError, match="resume.*SecAgg"):
+        load_config({"overrides": "+preset=tiny secagg=true", "output-dir": str(tmp_path), "resume": True})
+    with pytest.raises(ConfigError, match="resume: 'maybe' is not true or false"):
+        load_config({"overrides": "+preset=tiny", "output-dir": str(tmp_path), "resume": "maybe"})

@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import pandas as pd
-from datasets import Dataset
-from flwr_datasets.partitioner import (
-    DirichletPartitioner,
-    IidPartitioner,
-    NaturalIdPartitioner,
-    Partitioner,
-)
 from omegaconf import DictConfig
 
 from fed_dp_lora.config import ConfigError
+
+if TYPE_CHECKING:
+    from flwr_datasets.partitioner import Partitioner
 
 
 def holdout_split(table: pd.DataFrame, cfg: DictConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -33,6 +31,10 @@ def holdout_split(table: pd.DataFrame, cfg: DictConfig) -> tuple[pd.DataFrame, p
 
 
 def _partitioner(cfg: DictConfig, num_partitions: int) -> Partitioner:
+    # Imported here: flwr_datasets loads seaborn and matplotlib (~2 s), which a deployment
+    # ClientApp (a new process every round, reading its own file) never needs.
+    from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, NaturalIdPartitioner
+
     kind = cfg.data.partitioner
     if kind == "iid":
         return IidPartitioner(num_partitions=num_partitions)
@@ -72,6 +74,8 @@ def client_partition(
                 f"data.partition_column: {column!r} has {groups} values but the federation has "
                 f"{num_partitions} clients. Fix: run with num-supernodes={groups}"
             )
+    from datasets import Dataset
+
     partitioner = _partitioner(cfg, num_partitions)
     partitioner.dataset = Dataset.from_pandas(train, preserve_index=False)
     part = partitioner.load_partition(partition_id).to_pandas()

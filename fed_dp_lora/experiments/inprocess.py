@@ -64,7 +64,8 @@ class InProcessGrid(Grid):
         return self.pull_messages(self.push_messages(messages))
 
 
-def client_grid(run_config: dict[str, Any], num_clients: int, first_node_id: int = 1000) -> InProcessGrid:
+def client_grid(run_config: dict[str, Any], num_clients: int, first_node_id: int = 1000,
+                grid_class: Callable[[dict[int, Handler]], InProcessGrid] = InProcessGrid) -> InProcessGrid:
     """Nodes running the real ClientApp on partitions 0..num_clients-1 of the configured data."""
     from fed_dp_lora.client_app import app as client_app
 
@@ -74,11 +75,15 @@ def client_grid(run_config: dict[str, Any], num_clients: int, first_node_id: int
                           state=RecordDict(), run_config=dict(run_config))
         return lambda msg: client_app(msg, context)
 
-    return InProcessGrid({first_node_id + i: node(i) for i in range(num_clients)})
+    return grid_class({first_node_id + i: node(i) for i in range(num_clients)})
 
 
-def run_federation(overrides: str, num_clients: int, output_dir: Path) -> dict[str, Any]:
-    """Run the ServerApp against in-process clients; returns the run's summary.json."""
+def run_federation(overrides: str, num_clients: int, output_dir: Path, resume: bool = False,
+                   grid_class: Callable[[dict[int, Handler]], InProcessGrid] = InProcessGrid) -> dict[str, Any]:
+    """Run the ServerApp against in-process clients; returns the run's summary.json.
+
+    Each call is a new run (fresh client contexts), as a restarted `flwr run` is.
+    """
     from flwr.supercore.run import Run
     from flwr.supercore.task_identity import TaskIdentity
 
@@ -86,8 +91,8 @@ def run_federation(overrides: str, num_clients: int, output_dir: Path) -> dict[s
 
     # Messages built outside the runtime take their ids from TaskIdentity (internal API).
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
-    run_config = {"overrides": overrides, "output-dir": str(Path(output_dir).resolve())}
-    grid = client_grid(run_config, num_clients)
+    run_config = {"overrides": overrides, "output-dir": str(Path(output_dir).resolve()), "resume": resume}
+    grid = client_grid(run_config, num_clients, grid_class=grid_class)
     grid.set_run(Run.create_empty(run_id=1))  # the legacy (SecAgg+) workflow reads grid.run.run_id
     main(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config))
     return json.loads((Path(output_dir) / "summary.json").read_text())

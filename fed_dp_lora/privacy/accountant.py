@@ -57,6 +57,7 @@ class PrivacyLedger:
     accountant: str
     delta: float
     history: list[tuple[float, float, int]] = field(default_factory=list)
+    rounds: list[int] = field(default_factory=list)  # the server round of each history entry
 
     def epsilon(self, planned: tuple[float, float, int] | None = None) -> float:
         """Epsilon spent so far, or after also running `planned` = (noise, rate, steps)."""
@@ -84,10 +85,17 @@ class PrivacyLedger:
             )
         return after
 
-    def record(self, noise_multiplier: float, sample_rate: float, steps: int) -> None:
+    def record(self, noise_multiplier: float, sample_rate: float, steps: int, server_round: int = 0) -> None:
         """Add steps actually taken (one entry per round; composition is order-free)."""
         if steps > 0:
             self.history.append((float(noise_multiplier), float(sample_rate), int(steps)))
+            self.rounds.append(int(server_round))
+
+    def extends(self, other: "PrivacyLedger") -> bool:
+        """True when this ledger is `other` plus later entries (same settings)."""
+        n = len(other.history)
+        return (self.accountant, self.delta) == (other.accountant, other.delta) and \
+            self.history[:n] == other.history and self.rounds[:n] == other.rounds
 
     def to_dict(self) -> dict[str, str | float | list[float] | list[int]]:
         return {
@@ -96,9 +104,14 @@ class PrivacyLedger:
             "noise": [h[0] for h in self.history],
             "rate": [h[1] for h in self.history],
             "steps": [h[2] for h in self.history],
+            "rounds": list(self.rounds),
         }
 
     @classmethod
     def from_dict(cls, data: dict) -> "PrivacyLedger":
         history = list(zip(map(float, data["noise"]), map(float, data["rate"]), map(int, data["steps"])))
-        return cls(accountant=str(data["accountant"]), delta=float(data["delta"]), history=history)
+        rounds = [int(r) for r in data.get("rounds", [0] * len(history))]
+        if len(rounds) != len(history):
+            raise ValueError(f"ledger has {len(history)} entries but {len(rounds)} round numbers")
+        return cls(accountant=str(data["accountant"]), delta=float(data["delta"]), history=history,
+                   rounds=rounds)

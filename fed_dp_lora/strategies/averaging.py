@@ -17,7 +17,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from fed_dp_lora.report import RunReport
-from fed_dp_lora.wire import payload_bytes, update_problem
+from fed_dp_lora.wire import REFUSED_BUDGET, payload_bytes, update_problem
 
 
 def client_name(reply: Message) -> str:
@@ -59,6 +59,14 @@ class CheckedAggregation:
         super().__init__(fraction_evaluate=0.0, train_metrics_aggr_fn=_train_metrics, **kwargs)
         self.report = report
         self._sent: tuple[ArrayRecord, int] | None = None
+        self.stop_reason: str | None = None  # set when no further round can succeed
+
+    def state_dict(self) -> dict:
+        """What a resumed run needs to continue this strategy exactly (see checkpoint.py)."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict` (nothing for stateless aggregators)."""
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -67,16 +75,23 @@ class CheckedAggregation:
         self._sent = (arrays, len(messages))
         return messages
 
-    def screen(self, server_round: int, replies: Iterable[Message]) -> list[Message]:
-        """The replies that may be aggregated; records everything about the round's replies."""
+    def screen(self, server_round: int, replies: Iterable[Message], enforce_minimum: bool = True) -> list[Message]:
+        """The replies that may be aggregated; records everything about the round's replies.
+
+        With fewer accepted updates than `min_train_nodes` nothing is aggregated (the adapter
+        is kept, the round is recorded as failed); when clients out of budget leave too few
+        that could ever succeed, `stop_reason` ends the run cleanly.
+        """
         reference, sent_to = self._sent if self._sent else (None, 0)
         accepted: list[Message] = []
         failures: dict[str, str] = {}
         clients: dict[str, dict[str, float]] = {}
         bytes_up = 0
+        out_of_budget = 0
         for reply in replies:
             name = client_name(reply)
             if reply.has_error():
+                out_of_budget += int(reply.error.code == REFUSED_BUDGET)
                 reason = _last_line(reply.error.reason)
                 failures[name] = f"error (code {reply.error.code}): {reason}"
                 log(WARNING, "Round %d: %s did not train: %s", server_round, name, reason)
@@ -95,6 +110,15 @@ class CheckedAggregation:
             clients[name] = {k: float(v) for k, v in metrics.items()}
             accepted.append(reply)
         bytes_down = payload_bytes(reference) * sent_to if reference is not None else 0
+        minimum = int(self.min_train_nodes)
+        if enforce_minimum and len(accepted) < minimum:
+            failures["server"] = (f"only {len(accepted)} accepted update(s), fewer than "
+                                  f"strategy.min_train_clients={minimum}: the adapter is kept")
+            log(WARNING, "Round %d: %s", server_round, failures["server"])
+            if sent_to - out_of_budget < minimum:
+                self.stop_reason = (f"{out_of_budget} of {sent_to} clients are out of privacy budget, so "
+                                    f"fewer than strategy.min_train_clients={minimum} can still train")
+            accepted = []
         self.report.record_train(server_round, clients, failures, bytes_up, bytes_down)
         log(INFO, "Round %d: %d updates accepted, %d failed", server_round, len(accepted), len(failures))
         return accepted
@@ -102,7 +126,10 @@ class CheckedAggregation:
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        return super().aggregate_train(server_round, self.screen(server_round, list(replies)))  # type: ignore[misc]
+        accepted = self.screen(server_round, list(replies))
+        if not accepted:
+            return None, None
+        return super().aggregate_train(server_round, accepted)  # type: ignore[misc]
 
 
 class AdapterFedAvg(CheckedAggregation, FedAvg):

@@ -29,7 +29,6 @@ function clips on the clients under SecAgg+.
 from __future__ import annotations
 
 import math
-import random
 from logging import INFO, WARNING
 from typing import Any, Iterable
 
@@ -45,9 +44,6 @@ from fed_dp_lora.privacy.accountant import ACCOUNTANT_NAMES, PrivacyLedger, cali
 from fed_dp_lora.privacy.user_level import adaptive_noise_multiplier, clip_update
 from fed_dp_lora.report import USER_PRIVACY_UNIT, RunReport
 from fed_dp_lora.strategies.averaging import CheckedAggregation
-
-# Sampling and noise draw from OS entropy: a seed known to anyone would let them remove the noise.
-_RNG = random.SystemRandom()
 
 
 class UserLevelDP:
@@ -92,7 +88,32 @@ class UserLevelDP:
         self.population: int | None = None
         self.ledger: PrivacyLedger | None = None
         self.clip_history: list[float] = []
+        # Seeded from OS entropy, never from config: a seed known to anyone would let them remove
+        # the noise. Its state goes into the server's checkpoint, so a resumed run continues it.
         self._np_rng = np.random.default_rng()
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything planned or learned so far: a resumed run continues, never re-plans."""
+        return {
+            "population": self.population,
+            "noise_multiplier": self.noise_multiplier,
+            "clip_norm": self.clip_norm,
+            "clip_history": list(self.clip_history),
+            "clipped_count_stddev": self.clipped_count_stddev,
+            "ledger": None if self.ledger is None else self.ledger.to_dict(),
+            "rng": self._np_rng.bit_generator.state,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.population = state["population"]
+        self.noise_multiplier = state["noise_multiplier"]
+        self.clip_norm = float(state["clip_norm"])
+        self.clip_history = [float(c) for c in state["clip_history"]]
+        self.clipped_count_stddev = state["clipped_count_stddev"]
+        self.ledger = None if state["ledger"] is None else PrivacyLedger.from_dict(state["ledger"])
+        self._np_rng.bit_generator.state = state["rng"]
+        if self.ledger is not None:
+            self.report.user_level = self.summary()
 
     # -- planning (first round) -----------------------------------------------------------
 
@@ -157,8 +178,9 @@ class UserLevelDP:
     def sample(self, nodes: list[int]) -> list[int]:
         """Poisson: each node independently with probability q; fraction: a fixed-size sample."""
         if self.sampling == "poisson":
-            return [n for n in nodes if _RNG.random() < float(self.sample_rate)]
-        return _RNG.sample(nodes, min(len(nodes), int(self.denominator())))
+            return [n for n in nodes if self._np_rng.random() < float(self.sample_rate)]
+        size = min(len(nodes), int(self.denominator()))
+        return [nodes[i] for i in sorted(self._np_rng.choice(len(nodes), size=size, replace=False))]
 
     # -- the release ----------------------------------------------------------------------
 
@@ -240,6 +262,12 @@ class AdapterDPFedAvg(CheckedAggregation, FedAvg):
         self._skip_reason: str | None = None
         self._sampled = 0
 
+    def state_dict(self) -> dict:
+        return {"dp": self.dp.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.dp.load_state_dict(state["dp"])
+
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
@@ -249,6 +277,7 @@ class AdapterDPFedAvg(CheckedAggregation, FedAvg):
         self._skip_reason = self.dp.budget_problem()
         if self._skip_reason is not None:
             log(WARNING, "Round %d: %s", server_round, self._skip_reason)
+            self.stop_reason = self._skip_reason
             return []
         node_ids = self.dp.sample(list(nodes))
         self._sampled = len(node_ids)
@@ -266,7 +295,8 @@ class AdapterDPFedAvg(CheckedAggregation, FedAvg):
         if self._skip_reason is not None:
             self.report.record_train(server_round, {}, {"server": self._skip_reason}, 0, 0)
             return None, None
-        accepted = self.screen(server_round, list(replies))
+        # Dropped and rejected clients count as zero against the fixed denominator: no minimum.
+        accepted = self.screen(server_round, list(replies), enforce_minimum=False)
         reference = self._sent[0]
         global_arrays = {k: v.numpy() for k, v in reference.items()}
         clipped_sum = {k: np.zeros(v.shape, dtype=np.float64) for k, v in global_arrays.items()}

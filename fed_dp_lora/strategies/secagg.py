@@ -75,6 +75,7 @@ class SecAggAdapterStrategy(LegacyFedAvg):
         min_clients: int,
         min_available: int,
         dp: UserLevelDP | None = None,
+        study: str = "",
     ) -> None:
         super().__init__(fraction_fit=fraction, fraction_evaluate=0.0, min_fit_clients=min_clients,
                          min_evaluate_clients=0, min_available_clients=min_available)
@@ -84,6 +85,7 @@ class SecAggAdapterStrategy(LegacyFedAvg):
         self.initial = initial
         self.evaluate_state = evaluate_state
         self.dp = dp
+        self.study = study
         self._global: dict[str, np.ndarray] = {}
         self._sampled: dict[int, ClientProxy] = {}
         self._skip_reason: str | None = None
@@ -100,7 +102,8 @@ class SecAggAdapterStrategy(LegacyFedAvg):
         client_manager.wait_for(self.min_available_clients)
         proxies = {p.node_id: p for p in client_manager.all().values()}
         self._global = dict(zip(self.keys, parameters_to_ndarrays(parameters)))
-        config: dict[str, Scalar] = {SECAGG_KEYS: "\n".join(self.keys), "server-round": server_round}
+        config: dict[str, Scalar] = {SECAGG_KEYS: "\n".join(self.keys), "server-round": server_round,
+                                      "study-id": self.study}
         if self.dp is not None:
             self.dp.plan(len(proxies))
             self._skip_reason = self.dp.budget_problem()
@@ -185,12 +188,13 @@ def run_secagg(
     initial: dict[str, torch.Tensor],
     evaluate_state: EvaluateState,
     dp: UserLevelDP | None,
+    study: str,
 ) -> None:
     """Run all rounds through DefaultWorkflow(fit_workflow=SecAggPlusWorkflow(...))."""
     s, sp = cfg.strategy, cfg.secaggplus
     strategy = SecAggAdapterStrategy(
         report, initial, evaluate_state, fraction=float(s.fraction_train), min_clients=int(s.min_train_clients),
-        min_available=int(s.min_available_clients), dp=dp,
+        min_available=int(s.min_available_clients), dp=dp, study=study,
     )
     workflow = DefaultWorkflow(
         fit_workflow=SecAggPlusWorkflow(

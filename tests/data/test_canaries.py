@@ -61,6 +61,7 @@ def test_deployment_audit_needs_a_slot_per_institution(make_cfg, tmp_path):
     pd.DataFrame({"text": ["a b", "c d"], "label": ["good", "bad"]}).to_csv(path, index=False)
     cfg = make_cfg("audit.enabled=true", "audit.canaries=10")
     with pytest.raises(ConfigError, match="partition-id=<i> num-partitions=<n>"):
-        client_data(cfg, {"data-path": str(path)})
-    with_slot = client_data(cfg, {"data-path": str(path), "partition-id": 0, "num-partitions": 1})
+        client_data(cfg, {"data-path": str(path), "state-dir": str(tmp_path / "state")})
+    with_slot = client_data(cfg, {"data-path": str(path), "state-dir": str(tmp_path / "state"), "partition-id": 0,
+                                 "num-partitions": 1})
     assert len(with_slot) == 2 + int(included_canaries(cfg).sum())

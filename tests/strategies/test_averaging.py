@@ -188,7 +188,8 @@ def test_error_replies_are_recorded_with_their_reason(tmp_path):
     exhausted.state[LEDGER_KEY] = ConfigRecord(spent.to_dict())
     # A real client pointed at a data file that does not exist.
     missing = tmp_path / "gone.csv"
-    no_data = Context(run_id=7, node_id=402, node_config={"data-path": str(missing)}, state=RecordDict(),
+    no_data = Context(run_id=7, node_id=402, node_config={"data-path": str(missing), "state-dir": str(tmp_path)},
+                      state=RecordDict(),
                       run_config={"overrides": overrides, "output-dir": ""})
     traceback = ("Traceback (most recent call last):\n  File \"client_app.py\", line 3\n"
                  "BudgetExceeded: privacy budget exhausted: epsilon would reach 9.100 > budget 8\n")

@@ -80,7 +80,7 @@ def run(tmp_path, make_cfg, grid, *overrides, rounds: int = 1):
 
     dp = user_level_dp(cfg, report) if cfg.strategy.name == "dp-fedavg" else None
     run_secagg(grid, Context(run_id=7, node_id=0, node_config={}, state=RecordDict(), run_config={}),
-               cfg, report, INITIAL, evaluate_state, dp)
+               cfg, report, INITIAL, evaluate_state, dp, "study")
     return report, states
 
 
