@@ -209,6 +209,8 @@ def validate(cfg: DictConfig) -> None:
                 "use null (1/(10 n)) or a value below 1/n",
             )
         _require(float(p.clip_norm) > 0, "privacy.clip_norm", "must be > 0", "e.g. 1.0")
+    _require(isinstance(p.seeded_noise, bool), "privacy.seeded_noise", f"{p.seeded_noise!r} is not a boolean",
+             "use true or false")
     _require(int(cfg.rounds) >= 1, "rounds", "must be at least 1", "e.g. rounds=4")
     _require(float(cfg.train.epochs) > 0, "train.epochs", "must be > 0", "e.g. 1")
     _require(int(cfg.train.batch_size) >= 1, "train.batch_size", "must be >= 1", "e.g. 64")
@@ -434,6 +436,10 @@ def apply_node_config(cfg: DictConfig, node_config: Mapping[str, Any]) -> tuple[
              "state-dir=\"/path/to/state\"'")
     state_dir = values.get("state-dir")
     if data_path is not None and cfg.privacy.enabled:
+        _require(not cfg.privacy.seeded_noise, "privacy.seeded_noise",
+                 "noise derived from the run's seed can be removed by anyone who knows the seed",
+                 "leave privacy.seeded_noise=false in deployment (each institution's noise then comes "
+                 "from its own secret key in state-dir)")
         # In deployment the ledger must outlive the SuperNode: context.state is in its memory.
         _require(state_dir is not None, "node-config state-dir",
                  "is missing, so a restarted SuperNode would forget the epsilon already spent",

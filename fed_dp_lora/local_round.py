@@ -8,6 +8,7 @@ from the incoming global adapter, so the cache never leaks one client's state to
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -115,8 +116,8 @@ def _startup_seconds() -> float:
 
 
 def _client_secret(cfg: DictConfig, node: NodeSettings, store: ClientStateDir | None) -> bytes | None:
-    if node.data_path is None and node.partition is not None:
-        return simulation_secret(int(cfg.seed), node.partition[0])
+    if cfg.privacy.seeded_noise and node.partition is not None:
+        return simulation_secret(int(cfg.seed), node.partition[0])  # refused in deployment (config.py)
     if store is not None:
         return institution_secret(store.secret(), store.study)
     return None  # no place to keep a key: fresh OS entropy each round
@@ -142,6 +143,24 @@ def train_round(
     _process_started = False
     cfg, node = apply_node_config(cfg, node_config)
     store = ClientStateDir(node.state_dir, study) if node.state_dir and study and server_round else None
+    # One round at a time per institution: a ClientApp of a stopped run may still be finishing
+    # when the resumed run asks for the same round; it must see the ledger the other wrote.
+    with store.locked() if store is not None else contextlib.nullcontext():
+        result = _train_round(cfg, node, node_config, store, global_state, ledger_state, server_round, started)
+    result.metrics.update(timing)
+    return result
+
+
+def _train_round(
+    cfg: DictConfig,
+    node: NodeSettings,
+    node_config: Mapping[str, Any],
+    store: ClientStateDir | None,
+    global_state: dict[str, torch.Tensor],
+    ledger_state: Mapping[str, Any] | None,
+    server_round: int,
+    started: float,
+) -> RoundResult:
     data = _client_data(cfg, node)
     n = len(data)
     rate, steps = plan_steps(n, int(cfg.train.batch_size), float(cfg.train.epochs))
@@ -208,8 +227,7 @@ def train_round(
     if is_malicious(cfg, node_config):
         # A simulated attacker: it trained (and spent budget) like everyone, then lies.
         state = attack(str(cfg.attack.kind), global_state, state, float(cfg.attack.scale))
-    timing.update({"load-seconds": loaded - started, "train-seconds": time.perf_counter() - loaded})
-    metrics.update(timing)
+    metrics.update({"load-seconds": loaded - started, "train-seconds": time.perf_counter() - loaded})
     if store is not None and ledger is not None:
         store.save_release(server_round, digest, state, metrics)
     return RoundResult(state, metrics, ledger.to_dict() if ledger else None)

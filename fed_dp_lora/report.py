@@ -16,6 +16,10 @@ USER_PRIVACY_UNIT = (
     "runs differ by one client's update being replaced by none"
 )
 
+SECRET_NOISE = "a secret key per client and run (never sent): nobody else can reproduce the noise"
+SEEDED_NOISE = ("derived from the run's `seed` (privacy.seeded_noise=true): reproducible, so the guarantee "
+                "holds only against parties who do not know the seed")
+
 
 def _finite(value: float) -> float | str:
     return value if math.isfinite(value) else "inf"
@@ -128,6 +132,7 @@ class RunReport:
                 "sample_rate": per_client("sample-rate"),
                 "steps": per_client("steps-total"),
                 "clip_norm": privacy["clip_norm"],
+                "noise_source": SEEDED_NOISE if privacy.get("seeded_noise") else SECRET_NOISE,
                 "user_level": self.user_level or {"enabled": False, "unit": USER_PRIVACY_UNIT},
                 **({"audit": self.audit} if self.audit is not None else {}),
             },

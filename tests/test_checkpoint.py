@@ -18,8 +18,10 @@ from fed_dp_lora import checkpoint
 from fed_dp_lora.config import ConfigError
 from fed_dp_lora.experiments.inprocess import InProcessGrid, run_federation
 
-RECORD_DP = "+preset=tiny rounds=2 train.batch_size=16 train.epochs=0.05 privacy.epsilon=4"
-USER_DP = ("+preset=tiny rounds=3 privacy=none train.batch_size=16 train.epochs=0.05 strategy=dp-fedavg "
+# seeded_noise: two separate runs (the uninterrupted one and the stopped one) draw the same noise.
+RECORD_DP = "+preset=tiny rounds=2 train.batch_size=16 train.epochs=0.05 privacy.epsilon=4 privacy.seeded_noise=true"
+# Default secret noise on the clients (keys under output-dir/client-state) and DP-FedAvg on the server.
+USER_DP = ("+preset=tiny rounds=3 privacy.noise_multiplier=1.0 train.batch_size=16 train.epochs=0.05 strategy=dp-fedavg "
            "strategy.noise_multiplier=0.3 strategy.adaptive=true strategy.clip_norm=0.05 "
            "strategy.clipped_count_stddev=1.0")
 
@@ -63,6 +65,7 @@ def test_resume_after_a_stop_mid_round_equals_the_uninterrupted_run(tmp_path):
     assert resumed["run"]["study"] == checkpoint.load(tmp_path / "stopped").study != whole["run"]["study"]
     # The clients had recorded round 2 before the stop: they resend it, and it is not re-counted.
     assert all(m.get("replayed") == 1.0 for m in resumed["rounds"][1]["clients"].values())
+    assert "seed" in resumed["privacy"]["noise_source"]
     assert resumed["privacy"]["epsilon"].keys() == whole["privacy"]["epsilon"].keys()
     for client, eps in whole["privacy"]["epsilon"].items():
         assert resumed["privacy"]["epsilon"][client] == pytest.approx(eps, rel=1e-12), client
@@ -75,7 +78,8 @@ def test_resume_after_a_stop_mid_round_equals_the_uninterrupted_run(tmp_path):
 
 
 def test_resumed_strategy_state_continues_its_own_streams(tmp_path):
-    """DP-FedAvg with adaptive clipping: clip norm, user-level ledger and noise RNG continue."""
+    """DP-FedAvg with adaptive clipping: clip norm, user-level ledger and noise RNG continue;
+    the clients' secret keys continue their streams too (they live under output-dir)."""
     stopped_run(USER_DP, 3, tmp_path / "b", stop_round=2, after_training=False)
     saved = checkpoint.load(tmp_path / "b").strategy["dp"]
     shutil.copytree(tmp_path / "b", tmp_path / "c")
@@ -90,6 +94,8 @@ def test_resumed_strategy_state_continues_its_own_streams(tmp_path):
     ab, ac = checkpoint.load(tmp_path / "b").adapter, checkpoint.load(tmp_path / "c").adapter
     assert all(torch.equal(ab[k], ac[k]) for k in ab)
     assert user["epsilon"] == c["privacy"]["user_level"]["epsilon"]
+    assert b["privacy"]["epsilon"] == c["privacy"]["epsilon"] and "secret key" in b["privacy"]["noise_source"]
+    assert len(b["rounds"]) == 3 and b["run"]["resumed_after_round"] == [1]
 
 
 def test_outputs_are_never_mixed_up(tmp_path):

@@ -364,6 +364,12 @@ def test_deployment_with_dp_needs_a_state_dir_for_the_ledger(make_cfg, tmp_path)
     apply_node_config(make_cfg("privacy=none"), {"data-path": str(tmp_path / "r.csv")})
 
 
+def test_seeded_noise_is_refused_in_deployment(make_cfg, tmp_path):
+    with pytest.raises(ConfigError, match="privacy.seeded_noise.*anyone who knows the seed"):
+        apply_node_config(make_cfg("privacy.seeded_noise=true"), deployment(tmp_path))
+    apply_node_config(make_cfg("privacy.seeded_noise=true"), {"partition-id": 0, "num-partitions": 2})
+
+
 def test_simulated_clients_keep_their_ledgers_next_to_the_run_outputs(make_cfg, tmp_path):
     cfg = make_cfg()
     cfg.output_dir = str(tmp_path)

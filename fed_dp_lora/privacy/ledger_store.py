@@ -13,12 +13,14 @@ same update again, which reveals nothing new and costs no epsilon.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
 import secrets
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -60,6 +62,16 @@ class ClientStateDir:
         except OSError as err:
             raise LedgerError(f"state-dir {self.path} cannot be created: {err}. Fix: point the node's "
                               "state-dir at a writable directory") from err
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """Exclusive use of this state dir (an advisory lock, released if the process dies)."""
+        with open(self.path / ".lock", "a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
 
     @property
     def ledger_path(self) -> Path:

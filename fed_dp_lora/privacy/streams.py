@@ -4,10 +4,11 @@ Derived from a secret and the server round, so a resumed run draws exactly what 
 interrupted one would have (same batches, same noise), and a round retrained after a server
 stop produces the same update instead of a second, differently-noised release.
 
-Whoever knows the secret can subtract the noise, so in deployment it is the institution's own
-key (`ClientStateDir.secret`, never sent) mixed with the study id (two studies never share
-noise). In simulation every party is on one machine and the stream comes from the run's `seed`:
-a simulated run is reproducible, which is what a simulation is for.
+Whoever knows the secret can subtract the noise, so by default it is the client's own key
+(`ClientStateDir.secret`: on the institution's disk in deployment, under the run's output-dir
+in simulation; never sent) mixed with the study id, so two studies never share noise. With
+`privacy.seeded_noise=true` a simulated client's stream comes from the run's `seed` instead:
+reproducible across runs, for experiments; refused in deployment.
 """
 
 from __future__ import annotations
