@@ -49,6 +49,7 @@ class InProcessGrid(Grid):
         for msg in messages:
             self.sent.append(msg)
             message_id = f"msg-{len(self.sent)}"
+            msg.metadata.__dict__["_message_id"] = message_id  # as Flower's grids do on push
             # A copy, as the runtime's serialization gives every node its own: SecAgg+'s workflow
             # sends one RecordDict object to all nodes and secaggplus_mod edits it in place.
             self._pending[message_id] = self.handlers[msg.metadata.dst_node_id](copy.deepcopy(msg))

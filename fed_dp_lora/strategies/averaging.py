@@ -20,12 +20,12 @@ from fed_dp_lora.report import RunReport
 from fed_dp_lora.wire import REFUSED_BUDGET, payload_bytes, update_problem
 
 
-def client_name(reply: Message) -> str:
-    """client-<partition-id> in simulation, node-<id> in deployment."""
+def client_name(reply: Message, node_id: int | None = None) -> str:
+    """client-<partition-id> in simulation, node-<id> in deployment (`node_id` if known)."""
     metrics = reply.content.metric_records.get("metrics") if reply.has_content() else None
     if metrics is not None and "partition-id" in metrics:
         return f"client-{int(metrics['partition-id'])}"
-    return f"node-{reply.metadata.src_node_id}"
+    return f"node-{reply.metadata.src_node_id if node_id is None else node_id}"
 
 
 def _last_line(reason: str | None) -> str:
@@ -59,6 +59,7 @@ class CheckedAggregation:
         super().__init__(fraction_evaluate=0.0, train_metrics_aggr_fn=_train_metrics, **kwargs)
         self.report = report
         self._sent: tuple[ArrayRecord, int] | None = None
+        self._outgoing: list[Message] = []  # this round's messages, ids set once pushed
         self.stop_reason: str | None = None  # set when no further round can succeed
 
     def state_dict(self) -> dict:
@@ -73,7 +74,16 @@ class CheckedAggregation:
     ) -> Iterable[Message]:
         messages = list(super().configure_train(server_round, arrays, config, grid))
         self._sent = (arrays, len(messages))
+        self._outgoing = messages
         return messages
+
+    def node_of(self, reply: Message) -> int:
+        """The node a reply is about: for a SuperLink-made error (e.g. the node died) its
+        sender is the SuperLink, so look up where the answered message went."""
+        for sent in self._outgoing:
+            if sent.metadata.message_id and sent.metadata.message_id == reply.metadata.reply_to_message_id:
+                return sent.metadata.dst_node_id
+        return reply.metadata.src_node_id
 
     def screen(self, server_round: int, replies: Iterable[Message], enforce_minimum: bool = True) -> list[Message]:
         """The replies that may be aggregated; records everything about the round's replies.
@@ -89,7 +99,7 @@ class CheckedAggregation:
         bytes_up = 0
         out_of_budget = 0
         for reply in replies:
-            name = client_name(reply)
+            name = client_name(reply, self.node_of(reply))
             if reply.has_error():
                 out_of_budget += int(reply.error.code == REFUSED_BUDGET)
                 reason = _last_line(reply.error.reason)

@@ -287,6 +287,7 @@ class AdapterDPFedAvg(CheckedAggregation, FedAvg):
         record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
         messages = list(self._construct_messages(record, node_ids, MessageType.TRAIN))
         self._sent = (arrays, len(messages))
+        self._outgoing = messages
         return messages
 
     def aggregate_train(

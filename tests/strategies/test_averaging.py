@@ -14,7 +14,7 @@ import logging
 import numpy as np
 import pytest
 import torch
-from flwr.app import ConfigRecord, Context, RecordDict
+from flwr.app import ConfigRecord, Context, Error, Message, RecordDict
 from flwr.supercore.logger import FLOWER_LOGGER
 
 from fed_dp_lora.client_app import LEDGER_KEY, REFUSED_BUDGET, REFUSED_CONFIG
@@ -199,12 +199,15 @@ def test_error_replies_are_recorded_with_their_reason(tmp_path):
         403: error_reply(REFUSED_BUDGET, traceback),
         404: reply_with({k: v + 1.0 for k, v in reference.items()}, 10),
         405: reply_with({k: v + 3.0 for k, v in reference.items()}, 30),
+        406: node_unavailable,
     })
     report = make_report(tmp_path, cfg)
     result = run_strategy(build_strategy(cfg, report), grid, reference)
 
     failures = report.rounds[0]["failures"]
-    assert set(failures) == {"node-401", "node-402", "node-403"}
+    assert set(failures) == {"node-401", "node-402", "node-403", "node-406"}
+    # The SuperLink answers for a dead node; the failure is still the node's, not the SuperLink's.
+    assert failures["node-406"].startswith("error (code 5): Node Unavailable")
     assert failures["node-401"].startswith(f"error (code {REFUSED_BUDGET}): privacy budget exhausted")
     assert failures["node-402"].startswith(f"error (code {REFUSED_CONFIG}): DataError")
     assert str(missing) in failures["node-402"]
@@ -219,6 +222,13 @@ def test_error_replies_are_recorded_with_their_reason(tmp_path):
     for key in reference:
         assert torch.allclose(got[key], reference[key] + 2.5, atol=1e-6), key
     assert set(report.rounds[0]["clients"]) == {"node-404", "node-405"}
+
+
+def node_unavailable(msg: Message) -> Message:
+    """What the SuperLink sends back for a node whose heartbeat stopped (sender: the SuperLink)."""
+    reply = Message(Error(code=5, reason="Node Unavailable"), reply_to=msg)
+    reply.metadata.__dict__["_src_node_id"] = 1
+    return reply
 
 
 def test_bytes_up_and_down_are_counted_per_round(tmp_path, make_cfg):
