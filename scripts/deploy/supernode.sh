@@ -1,0 +1,92 @@
+#!/usr/bin/env bash
+# Start one institution's Flower SuperNode; `exec`s it, so this script's PID is the SuperNode's.
+#
+# Usage: scripts/deploy/supernode.sh --superlink HOST:PORT --ca CA.crt --key KEY \
+#          --data FILE --state-dir DIR [--port P] [--epsilon E] [--batch-size B]
+#          [--device auto|cpu|cuda] [--keygen-only] [--insecure]
+# Env (args win): SUPERLINK, CA_CERT, KEY, DATA_PATH, STATE_DIR, PORT, EPSILON, BATCH_SIZE,
+#   DEVICE, FLWR_HOME (default ~/.flwr: where the SuperNode unpacks the app it is sent).
+#   --superlink   the SuperLink's address (superlink.sh's port)
+#   --ca          CA certificate that signed the SuperLink's certificate (make-certs.sh ca.crt)
+#   --key         this institution's ECDSA private key (OpenSSH format). If missing it is made
+#                 with ssh-keygen -t ecdsa -b 384, KEY.pub is printed and the script exits 3:
+#                 the operator registers KEY.pub (register.sh), then start this again.
+#   --data        the institution's CSV/JSONL/Parquet file (columns text,label; label good/bad)
+#   --state-dir   directory on this institution's disk for the privacy ledger and noise key
+#   --port        local port of this SuperNode's runtime API, on 127.0.0.1 (default 9094;
+#                 every SuperNode on one machine needs its own)
+#   --epsilon/--batch-size/--device  optional per-institution settings for the ClientApp
+#   --keygen-only make the key if missing, print KEY.pub and exit
+#   --insecure    plain HTTP and no key: ONLY for a local test SuperLink started with --insecure
+# Runs the app with the venv already installed here; never installs dependencies at run time.
+# Exit code 1 from flower-supernode ("Exit Code: 305 ... Failed to activate SuperNode") means the
+# SuperLink refused it: key not registered, wrong CA, or - after a crash - the SuperLink still
+# sees this node online (wait ~30-60 s for its heartbeat to expire; a SIGTERM stop is instant).
+set -euo pipefail
+
+superlink="${SUPERLINK:-}"; ca="${CA_CERT:-}"; key="${KEY:-}"; data="${DATA_PATH:-}"
+state="${STATE_DIR:-}"; port="${PORT:-9094}"; epsilon="${EPSILON:-}"; batch="${BATCH_SIZE:-}"
+device="${DEVICE:-}"; insecure=0; keygen_only=0
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    --superlink) superlink="$2"; shift 2 ;;
+    --ca) ca="$2"; shift 2 ;;
+    --key) key="$2"; shift 2 ;;
+    --data) data="$2"; shift 2 ;;
+    --state-dir) state="$2"; shift 2 ;;
+    --port) port="$2"; shift 2 ;;
+    --epsilon) epsilon="$2"; shift 2 ;;
+    --batch-size) batch="$2"; shift 2 ;;
+    --device) device="$2"; shift 2 ;;
+    --keygen-only) keygen_only=1; shift ;;
+    --insecure) insecure=1; shift ;;
+    -h|--help) awk 'NR>1 && !/^#/ {exit} NR>1 {sub(/^# ?/, ""); print}' "$0"; exit 0 ;;
+    *) echo "error: unknown argument $1 (see --help)" >&2; exit 2 ;;
+  esac
+done
+die() { echo "error: $*" >&2; exit 1; }
+
+if [[ $insecure == 0 ]]; then
+  [[ -n "$key" ]] || die "give --key PATH (this institution's private key; made if missing)"
+  if [[ ! -e "$key" ]]; then
+    mkdir -p "$(dirname "$key")"
+    ssh-keygen -q -t ecdsa -b 384 -N "" -C "fed-dp-lora supernode $(hostname)" -f "$key"
+    pub="$(cd "$(dirname "$key")" && pwd)/$(basename "$key").pub"
+    echo "Made key pair $key. Send the PUBLIC key to the SuperLink operator to register:" >&2
+    echo "  $pub" >&2
+    [[ $keygen_only == 1 ]] && { echo "$pub"; exit 0; }
+    echo "Start this script again once it is registered (until then the SuperLink refuses it)." >&2
+    exit 3
+  fi
+  [[ $keygen_only == 1 ]] && { echo "$(cd "$(dirname "$key")" && pwd)/$(basename "$key").pub"; exit 0; }
+  [[ -n "$ca" && -r "$ca" ]] || die "CA certificate (--ca) '${ca}' not found"
+fi
+[[ -n "$superlink" ]] || die "give --superlink HOST:PORT"
+[[ -n "$data" && -f "$data" && -r "$data" ]] || die "data file (--data) '${data}' does not exist or is not readable"
+[[ -n "$state" && -d "$state" && -w "$state" ]] || die "state dir (--state-dir) '${state}' does not exist or is not writable (create it: mkdir -p DIR; chmod 700 DIR)"
+[[ -z "$epsilon" || "$epsilon" =~ ^[0-9]*\.?[0-9]+([eE][-+]?[0-9]+)?$ ]] || die "--epsilon must be a positive number, got '$epsilon'"
+[[ -z "$batch" || "$batch" =~ ^[1-9][0-9]*$ ]] || die "--batch-size must be a positive integer, got '$batch'"
+[[ -z "$device" || "$device" =~ ^(auto|cpu|cuda)$ ]] || die "--device must be auto, cpu or cuda, got '$device'"
+
+abspath() { echo "$(cd "$(dirname "$1")" && pwd)/$(basename "$1")"; }
+toml_str() { local s="${1//\\/\\\\}"; s="${s//\"/\\\"}"; printf '"%s"' "$s"; }
+node_config="data-path=$(toml_str "$(abspath "$data")") state-dir=$(toml_str "$(cd "$state" && pwd)")"
+[[ -n "$epsilon" ]] && node_config+=" epsilon=$epsilon"
+[[ -n "$batch" ]] && node_config+=" batch-size=$batch"
+[[ -n "$device" ]] && node_config+=" device=$(toml_str "$device")"
+
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+bin="${FLWR_BIN:-$(cd "$here/../.." && pwd)/.venv/bin}"
+[[ -x "$bin/flower-supernode" ]] || bin="$(dirname "$(command -v flower-supernode)")"
+export FLWR_TELEMETRY_ENABLED=0 FLWR_DISABLE_UPDATE_CHECK=1 FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1
+export PATH="$bin:$PATH"  # the SuperExec / ClientApp processes it starts come from the same venv
+
+args=(--superlink "$superlink" --port "$port" --node-config "$node_config")
+if [[ $insecure == 1 ]]; then
+  echo "WARNING: --insecure: no TLS, no SuperNode authentication. Local tests only." >&2
+  args+=(--insecure)
+else
+  args+=(--root-certificates "$(abspath "$ca")" --auth-supernode-private-key "$(abspath "$key")")
+fi
+echo "SuperNode -> $superlink, runtime port $port, node-config: $node_config (pid $$)" >&2
+exec "$bin/flower-supernode" "${args[@]}"
