@@ -15,8 +15,8 @@ from fed_dp_lora.local_round import train_round
 from fed_dp_lora.privacy.accountant import BudgetExceeded
 from fed_dp_lora.privacy.engine import CoverageError
 from fed_dp_lora.privacy.ledger_store import LedgerError
-from fed_dp_lora.wire import (REFUSED_BUDGET, REFUSED_CONFIG, REFUSED_LEDGER, is_legacy_fitins, secagg_fitins,
-                              secagg_fitres)
+from fed_dp_lora.wire import (INT8_UPDATE, REFUSED_BUDGET, REFUSED_CONFIG, REFUSED_LEDGER, UPLOAD_KEY,
+                              encode_int8_update, is_legacy_fitins, secagg_fitins, secagg_fitres)
 
 LEDGER_KEY = "privacy-ledger"
 
@@ -63,7 +63,10 @@ def train(msg: Message, context: Context) -> Message:
         content = secagg_fitres(global_state, result.state, config, int(result.metrics["num-examples"]),
                                 result.metrics, clip=not is_malicious(cfg, context.node_config))
         return Message(content=content, reply_to=msg)
-    content = RecordDict(
-        {"arrays": ArrayRecord(result.state), "metrics": MetricRecord(result.metrics)}
-    )
+    if cfg.upload.compression == "int8":
+        content = RecordDict({"arrays": encode_int8_update(global_state, result.state),
+                              "metrics": MetricRecord(result.metrics),
+                              UPLOAD_KEY: ConfigRecord({"encoding": INT8_UPDATE})})
+    else:
+        content = RecordDict({"arrays": ArrayRecord(result.state), "metrics": MetricRecord(result.metrics)})
     return Message(content=content, reply_to=msg)

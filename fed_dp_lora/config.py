@@ -221,6 +221,9 @@ def validate(cfg: DictConfig) -> None:
     _require(int(cfg.eval.batch_size) >= 1, "eval.batch_size", "must be >= 1", "e.g. 256")
     _require(int(cfg.eval.interval) >= 1, "eval.interval", "must be >= 1", "e.g. 1 (every round)")
     _validate_strategy(cfg)
+    _choice(cfg, "upload.compression", ("none", "int8"))
+    _require(not (cfg.secagg and cfg.upload.compression != "none"), "upload.compression",
+             "SecAgg+ masks and quantizes the update itself", "leave upload.compression=none with secagg=true")
     if cfg.resume:
         _require(cfg.output_dir is not None, "resume", "needs the stopped run's output-dir",
                  "pass -c 'output-dir=\"/abs/path/of/the/run\"' with -c resume=true")

@@ -43,6 +43,45 @@ def update_problem(arrays: ArrayRecord, reference: ArrayRecord, max_norm: float 
     return None
 
 
+# --- 8-bit uploads ---------------------------------------------------------------------------
+
+UPLOAD_KEY = "upload"            # ConfigRecord in a reply: how its "arrays" are encoded
+INT8_UPDATE = "int8-update"      # the update (local - global), int8 per element + a scale per tensor
+SCALE_SUFFIX = "|scale"
+
+
+def encode_int8_update(global_state: dict[str, torch.Tensor], local_state: dict[str, torch.Tensor]) -> ArrayRecord:
+    """local - global, each tensor quantized symmetrically to int8 with its own float32 scale.
+
+    Applied to what DP-SGD already released, so it is post-processing: the privacy guarantee
+    is untouched. Round-to-nearest: at most scale / 2 = max|u| / 254 error per element.
+    """
+    out: dict[str, torch.Tensor] = {}
+    for key, local in local_state.items():
+        update = local.detach().float().cpu() - global_state[key].float().cpu()
+        peak = float(update.abs().max()) if update.numel() else 0.0
+        scale = peak / 127.0 if peak > 0 else 1.0
+        out[key] = torch.round(update / scale).clamp(-127, 127).to(torch.int8)
+        out[key + SCALE_SUFFIX] = torch.tensor([scale], dtype=torch.float32)
+    return ArrayRecord(out)
+
+
+def decode_int8_update(arrays: ArrayRecord, reference: ArrayRecord) -> ArrayRecord | str:
+    """The adapter the client sent (reference + dequantized update), or why it cannot be read."""
+    expected = set(reference.keys()) | {k + SCALE_SUFFIX for k in reference.keys()}
+    if set(arrays.keys()) != expected:
+        return "int8 upload: wrong tensors"
+    decoded = {}
+    for key, ref in reference.items():
+        q, scale = arrays[key].numpy(), arrays[key + SCALE_SUFFIX].numpy()
+        if q.dtype != np.int8 or scale.shape != (1,) or not np.isfinite(scale).all():
+            return f"int8 upload: {key} is not int8 with one finite scale"
+        if q.shape != ref.numpy().shape:
+            return f"{key}: shape {q.shape} != {ref.numpy().shape}"
+        decoded[key] = torch.from_numpy(ref.numpy() + q.astype(np.float32) * scale[0])
+    return ArrayRecord(decoded)
+
+
 # --- SecAgg+ (legacy fitins/fitres layout, what secaggplus_mod reads and writes) ----------
 
 SECAGG_KEYS = "secagg-keys"          # tensor names, newline-separated: legacy Parameters are a list

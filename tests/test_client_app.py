@@ -263,3 +263,14 @@ def test_an_institution_budget_below_the_run_budget_calibrates_more_noise(bank_c
 def test_cold_start_load_and_train_times_are_reported(bank_csv, tmp_path):
     m = ok_metrics(app(train_message(global_adapter(FIXED_NOISE), 1, study=STUDY), institution(bank_csv, tmp_path)))
     assert m["load-seconds"] > 0 and m["train-seconds"] > 0 and m["startup-seconds"] >= 0
+
+
+def test_int8_upload_sends_the_quantized_update_after_the_noise():
+    overrides = f"{FIXED_NOISE} upload.compression=int8"
+    state = global_adapter(overrides)
+    reply = app(train_message(state, 1), make_context(overrides))
+    assert not reply.has_error(), reply.error
+    assert dict(reply.content.config_records["upload"]) == {"encoding": "int8-update"}
+    arrays = reply.content["arrays"]
+    assert {k for k in arrays.keys() if not k.endswith("|scale")} == set(state)
+    assert all(arrays[k].numpy().dtype.name == "int8" for k in state)

@@ -387,3 +387,10 @@ def test_resume_needs_an_output_dir_and_refuses_secagg(tmp_path):
         load_config({"overrides": "+preset=tiny secagg=true", "output-dir": str(tmp_path), "resume": True})
     with pytest.raises(ConfigError, match="resume: 'maybe' is not true or false"):
         load_config({"overrides": "+preset=tiny", "output-dir": str(tmp_path), "resume": "maybe"})
+
+
+def test_int8_upload_is_refused_under_secagg(make_cfg):
+    with pytest.raises(ConfigError, match="upload.compression.*SecAgg"):
+        make_cfg("secagg=true", "upload.compression=int8")
+    with pytest.raises(ConfigError, match="upload.compression"):
+        make_cfg("upload.compression=fp4")

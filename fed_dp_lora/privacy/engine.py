@@ -1,9 +1,11 @@
 """One private optimizer step: per-sample gradients, clipping to C, Gaussian noise sigma*C.
 
-Per-sample gradients come from Opacus' GradSampleModule hooks (exact for Linear layers,
-which cover LoRA factors and classification heads, also on bitsandbytes base models whose
-quantized layers are frozen). Clipping and noise are ours, because DP-SGD with Poisson
-sampling must take a noise-only step on an empty batch, where Opacus' optimizer raises.
+Per-sample gradients come, when every trainable tensor belongs to a plain nn.Linear (LoRA
+factors and classification heads, also on bitsandbytes base models whose quantized layers are
+frozen), from our fused path (:mod:`fed_dp_lora.privacy.per_sample`: built inside the one
+backward, instead of the summed gradient, so DP costs about nothing over a non-private step);
+otherwise from Opacus' GradSampleModule hooks. Clipping and noise are ours, because DP-SGD with
+Poisson sampling must take a noise-only step on an empty batch, where Opacus' optimizer raises.
 """
 
 from __future__ import annotations
@@ -13,6 +15,10 @@ import secrets
 import torch
 from opacus import GradSampleModule
 from torch import nn
+
+from fed_dp_lora.privacy import per_sample as fused
+
+PER_SAMPLE_MODES = ("auto", "fused", "opacus")
 
 
 class CoverageError(RuntimeError):
@@ -54,12 +60,31 @@ class PrivateGradientEngine(GradientEngine):
         clip_norm: float,
         noise_multiplier: float,
         generator: torch.Generator | None = None,
+        per_sample: str = "auto",
     ) -> None:
+        """`per_sample`: "fused" (our single-backward path; CoverageError if a trainable tensor
+        is not in a plain nn.Linear), "opacus" (GradSampleModule hooks), or "auto" (fused when
+        it covers every trainable tensor, else Opacus)."""
         super().__init__(model, expected_batch_size)
+        if per_sample not in PER_SAMPLE_MODES:
+            raise ValueError(f"per_sample must be one of {PER_SAMPLE_MODES}, not {per_sample!r}")
         self.names = {p: n for n, p in model.named_parameters() if p.requires_grad}
-        # loss_reduction="sum": we backprop the sum of per-sample losses, so grad_sample[i]
-        # is exactly the gradient of record i's loss.
-        self.module = GradSampleModule(model, batch_first=True, loss_reduction="sum", strict=True)
+        uncovered = fused.uncovered_parameters(model) if per_sample != "opacus" else []
+        if per_sample == "fused" and uncovered:
+            raise CoverageError(
+                f"per_sample='fused': trainable tensors {uncovered[:3]} are not in a plain "
+                "nn.Linear, so the fused path cannot give them per-sample gradients. Fix: use "
+                "per_sample='auto' or 'opacus', or freeze them"
+            )
+        self._fused: fused.FusedHandle | None = None
+        if per_sample == "opacus" or uncovered:
+            self.per_sample = "opacus"
+            # loss_reduction="sum": we backprop the sum of per-sample losses, so grad_sample[i]
+            # is exactly the gradient of record i's loss.
+            self.module = GradSampleModule(model, batch_first=True, loss_reduction="sum", strict=True)
+        else:
+            self.per_sample = "fused"
+            self._fused = fused.attach(model)  # self.module stays the model itself
         self.clip_norm = clip_norm
         self.noise_multiplier = noise_multiplier
         device = self.params[0].device
@@ -83,6 +108,9 @@ class PrivateGradientEngine(GradientEngine):
         if weights is not None and (weights.min() <= 0 or weights.max() > 1):
             raise ValueError("clip weights must lie in (0, 1]: each record's bound is C * w <= C")
         self._weights = None if weights is None else weights.detach().float()
+        if self._fused is not None:
+            for p in self._fused.params:  # .grad_sample accumulates: start from nothing
+                p.grad_sample = None
         per_sample_losses.sum().backward()
 
     def verify_coverage(self, per_sample_losses: torch.Tensor) -> None:
@@ -106,7 +134,7 @@ class PrivateGradientEngine(GradientEngine):
                     "it would not be clipped or noised. Refusing to train. Fix: freeze it, or use "
                     "a layer type Opacus supports (Linear, Embedding, LayerNorm, Conv)"
                 )
-            grads.append(gs.reshape(batch_size, -1))
+            grads.append(gs.reshape(batch_size, -1))  # a view: grad_sample is contiguous
             p.grad_sample = None
         return grads
 
@@ -118,7 +146,8 @@ class PrivateGradientEngine(GradientEngine):
         """
         if batch_size > 0:
             flat = self._per_sample_grads(batch_size)
-            norms = torch.sqrt(sum(g.pow(2).sum(dim=1) for g in flat))
+            # Squared norms per tensor, summed: no concatenation, no B x numel temporary.
+            norms = torch.sqrt(sum(torch.linalg.vector_norm(g, dim=1).square() for g in flat))
             factors = (self.clip_norm / (norms + 1e-6)).clamp(max=1.0)
             self.last_clipped_fraction = float((factors < 1.0).float().mean())
             self.last_median_norm = float(norms.median())
@@ -130,9 +159,13 @@ class PrivateGradientEngine(GradientEngine):
         std = self.noise_multiplier * self.clip_norm
         for p, s in zip(self.params, sums):
             noise = torch.normal(0.0, std, size=s.shape, device=s.device, generator=self.generator)
-            p.grad = ((s + noise) / self.expected_batch_size).view_as(p).to(p.dtype)
+            p.grad = noise.add_(s).div_(self.expected_batch_size).view_as(p).to(p.dtype)
         return True
 
     def detach(self) -> None:
-        """Remove the hooks (a cached model is reused next round)."""
-        self.module._close()
+        """Remove the hooks or the fused forwards (a cached model is reused next round)."""
+        if self._fused is not None:
+            self._fused.remove()
+            self._fused = None
+        else:
+            self.module._close()

@@ -17,7 +17,8 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from fed_dp_lora.report import RunReport
-from fed_dp_lora.wire import REFUSED_BUDGET, payload_bytes, update_problem
+from fed_dp_lora.wire import (INT8_UPDATE, REFUSED_BUDGET, UPLOAD_KEY, decode_int8_update, payload_bytes,
+                              update_problem)
 
 
 def client_name(reply: Message, node_id: int | None = None) -> str:
@@ -109,6 +110,16 @@ class CheckedAggregation:
             arrays = reply.content.array_records.get("arrays")
             metrics = reply.content.metric_records.get("metrics")
             problem = "reply without arrays or metrics" if arrays is None or metrics is None else None
+            sent_bytes = 0 if arrays is None else payload_bytes(arrays)
+            upload = reply.content.config_records.get(UPLOAD_KEY)
+            if problem is None and upload is not None and reference is not None:
+                decoded = decode_int8_update(arrays, reference) if upload.get("encoding") == INT8_UPDATE \
+                    else f"unknown upload encoding {upload.get('encoding')!r}"
+                if isinstance(decoded, str):
+                    problem = decoded
+                else:  # from here on the reply carries the adapter, as every strategy expects
+                    arrays = decoded
+                    reply.content = RecordDict({"arrays": arrays, "metrics": metrics})
             if problem is None and reference is not None:
                 problem = update_problem(arrays, reference)
             if problem is not None:
@@ -116,7 +127,7 @@ class CheckedAggregation:
                 log(WARNING, "Round %d: rejected update from %s (node %d): %s",
                     server_round, name, reply.metadata.src_node_id, problem)
                 continue
-            bytes_up += payload_bytes(arrays)
+            bytes_up += sent_bytes
             clients[name] = {k: float(v) for k, v in metrics.items()}
             accepted.append(reply)
         bytes_down = payload_bytes(reference) * sent_to if reference is not None else 0
