@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import ClientAppCallable
@@ -63,10 +65,11 @@ def train(msg: Message, context: Context) -> Message:
         content = secagg_fitres(global_state, result.state, config, int(result.metrics["num-examples"]),
                                 result.metrics, clip=not is_malicious(cfg, context.node_config))
         return Message(content=content, reply_to=msg)
-    if cfg.upload.compression == "int8":
-        content = RecordDict({"arrays": encode_int8_update(global_state, result.state),
-                              "metrics": MetricRecord(result.metrics),
-                              UPLOAD_KEY: ConfigRecord({"encoding": INT8_UPDATE})})
-    else:
-        content = RecordDict({"arrays": ArrayRecord(result.state), "metrics": MetricRecord(result.metrics)})
+    started = time.perf_counter()
+    int8 = cfg.upload.compression == "int8"
+    arrays = encode_int8_update(global_state, result.state) if int8 else ArrayRecord(result.state)
+    metrics = MetricRecord({**result.metrics, "serialize-seconds": time.perf_counter() - started})
+    content = RecordDict({"arrays": arrays, "metrics": metrics})
+    if int8:
+        content[UPLOAD_KEY] = ConfigRecord({"encoding": INT8_UPDATE})
     return Message(content=content, reply_to=msg)

@@ -79,6 +79,12 @@ class RunReport:
         entry = next(r for r in self.rounds if r["round"] == server_round)
         entry.setdefault("strategy", {}).update(info)
 
+    def record_timing(self, server_round: int, seconds: dict[str, float]) -> None:
+        """Where the server's round went: waiting for clients, aggregating, evaluating, writing."""
+        entry = next((r for r in self.rounds if r["round"] == server_round), None)
+        if entry is not None:
+            entry.setdefault("timing", {}).update({k: round(v, 3) for k, v in seconds.items()})
+
     def record_eval(self, server_round: int, metrics: dict[str, float]) -> None:
         entry = next((r for r in self.rounds if r["round"] == server_round), None)
         if entry is None:

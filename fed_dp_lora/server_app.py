@@ -74,10 +74,14 @@ def main(grid: Grid, context: Context) -> None:
     def evaluate_state(server_round: int, state: dict[str, torch.Tensor]) -> dict[str, float] | None:
         # Round 0 (the initial adapter) is evaluated only when every round is.
         evaluated = server_round == rounds or server_round % interval == 0 and (server_round > 0 or interval == 1)
+        started = time.perf_counter()
         metrics = central.evaluate(state) if evaluated else None
         if server_round > 0:
+            evaluated_at = time.perf_counter()
             final.update(state)
             central.save_adapter(state, out / "adapters" / f"round-{server_round}")
+            report.record_timing(server_round, {"evaluate": evaluated_at - started,
+                                                "save": time.perf_counter() - evaluated_at})
             if metrics is not None:
                 report.record_eval(server_round, metrics)
             report.write()

@@ -2,11 +2,13 @@
 
     .venv/bin/python scripts/round_times.py simulation=outputs/sim deployment=outputs/dep [--readme README.md]
 
-Per run: the median wall time of a round (from round 2 on: round 1 also pays for the noise
-calibration and the initial evaluation), and per client the median seconds of process start-up
-and imports (`startup-seconds`: 0 when the process was already warm, as in simulation), loading
-the model and data (`load-seconds`) and local training (`train-seconds`). Clients run in
-parallel, so the client columns do not add up to the wall time. Ends with one key=value line.
+Per run, medians over rounds from round 2 on (round 1 also pays for the noise calibration):
+the server's round (waiting for the clients' replies, aggregating, central evaluation, writing
+the adapter) and, per client, process start-up and imports (`startup-seconds`: 0 when the
+process was already warm, as in simulation), loading model and data, local training and
+serializing the reply. Clients run in parallel, so their columns do not add up to the round.
+"Local training share" = (waiting for clients / round) x (the clients' training seconds / all
+their seconds). Ends with one key=value line.
 """
 
 from __future__ import annotations
@@ -21,19 +23,26 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fed_dp_lora.experiments.readme import write_section  # noqa: E402
 
-KEYS = ("startup-seconds", "load-seconds", "train-seconds")
+CLIENT_KEYS = ("startup-seconds", "load-seconds", "train-seconds", "serialize-seconds")
+SERVER_KEYS = ("clients", "aggregate", "evaluate", "save")
+
+
+def _median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
 
 
 def breakdown(summary: dict) -> dict[str, float]:
-    rounds = summary["rounds"]
-    walls = [b["seconds"] - a["seconds"] for a, b in zip(rounds, rounds[1:])]
-    clients = [m for r in rounds[1:] for m in r["clients"].values() if "replayed" not in m]
-    out = {"rounds": float(len(walls)), "wall": statistics.median(walls) if walls else float("nan")}
-    for key in KEYS:
-        values = [float(m[key]) for m in clients if key in m]
-        out[key.split("-")[0]] = statistics.median(values) if values else float("nan")
-    busy = out["startup"] + out["load"] + out["train"]
-    out["load_share"] = (out["startup"] + out["load"]) / busy if busy else float("nan")
+    rounds = summary["rounds"][1:] if len(summary["rounds"]) > 1 else summary["rounds"]
+    clients = [m for r in rounds for m in r["clients"].values() if "replayed" not in m]
+    out = {"rounds": float(len(rounds))}
+    for key in SERVER_KEYS:
+        out[key] = _median([float(r["timing"][key]) for r in rounds if key in r.get("timing", {})])
+    out["wall"] = _median([sum(float(r["timing"].get(k, 0.0)) for k in SERVER_KEYS) for r in rounds if "timing" in r])
+    for key in CLIENT_KEYS:
+        out[key.split("-")[0]] = _median([float(m[key]) for m in clients if key in m])
+    busy = sum(float(m.get(k, 0.0)) for m in clients for k in CLIENT_KEYS)
+    out["train_share_of_clients"] = sum(float(m["train-seconds"]) for m in clients) / busy if busy else float("nan")
+    out["train_share"] = out["clients"] / out["wall"] * out["train_share_of_clients"]
     return out
 
 
@@ -42,16 +51,18 @@ def main() -> None:
     parser.add_argument("runs", nargs="+", help="LABEL=RUN_DIR")
     parser.add_argument("--readme", type=Path, default=None)
     args = parser.parse_args()
-    lines = ["| run | rounds timed | round wall time (s) | client start-up + imports (s) | model + data load (s) "
-             "| local training (s) | start-up + load share of a client's round |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| run | rounds | round (s) | waiting for clients | aggregate | evaluate | save | client start-up + imports "
+             "| model + data load | local training | serialize | local training share of the round |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     pairs = []
     for item in args.runs:
         label, run_dir = item.split("=", 1)
         b = breakdown(json.loads((Path(run_dir) / "summary.json").read_text()))
-        lines.append(f"| {label} | {b['rounds']:.0f} | {b['wall']:.1f} | {b['startup']:.1f} | {b['load']:.1f} | "
-                     f"{b['train']:.1f} | {100 * b['load_share']:.0f}% |")
-        pairs += [f"{label}_round_s={b['wall']:.1f}", f"{label}_load_share={b['load_share']:.2f}"]
+        lines.append(f"| {label} | {b['rounds']:.0f} | {b['wall']:.1f} | {b['clients']:.1f} | {b['aggregate']:.2f} | "
+                     f"{b['evaluate']:.1f} | {b['save']:.2f} | {b['startup']:.1f} | {b['load']:.1f} | {b['train']:.1f} | "
+                     f"{b['serialize']:.3f} | {100 * b['train_share']:.0f}% |")
+        pairs += [f"{label}_round_s={b['wall']:.1f}", f"{label}_train_share={b['train_share']:.2f}",
+                  f"{label}_startup_load_s={b['startup'] + b['load']:.1f}"]
     body = "\n".join(lines) + "\n"
     print(body)
     if args.readme is not None:

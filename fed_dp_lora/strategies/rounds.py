@@ -9,6 +9,7 @@ phase to run.
 
 from __future__ import annotations
 
+import time
 from logging import INFO, WARNING
 from typing import Callable
 
@@ -32,11 +33,15 @@ def run_rounds(
     for server_round in rounds:
         log(INFO, "")
         log(INFO, "[ROUND %s/%s]", server_round, rounds.stop - 1)
+        started = time.perf_counter()
         messages = strategy.configure_train(server_round, arrays, ConfigRecord(dict(train_config)), grid)
         replies = grid.send_and_receive(messages=messages, timeout=timeout)
+        received = time.perf_counter()
         new, _ = strategy.aggregate_train(server_round, replies)
         if new is not None:
             arrays = new
+        strategy.report.record_timing(server_round, {"clients": received - started,
+                                                     "aggregate": time.perf_counter() - received})
         after_round(server_round, arrays)
         if strategy.stop_reason is not None:
             log(WARNING, "Stopping after round %d: %s", server_round, strategy.stop_reason)

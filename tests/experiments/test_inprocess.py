@@ -38,3 +38,13 @@ def test_run_writes_audit_report_and_tracker(tmp_path):
     assert [e.step for e in events.Scalars("eval/balanced_accuracy")] == [2]
     assert [e.step for e in events.Scalars("bytes/up")] == [1, 2]
     assert {f"epsilon/{c}" for c in eps} <= set(events.Tags()["scalars"])
+
+
+def test_rounds_record_where_the_time_went(tmp_path):
+    summary = run_federation("+preset=tiny rounds=2 train.batch_size=16 train.epochs=0.02 "
+                             "privacy.noise_multiplier=1.0", 2, tmp_path)
+    for entry in summary["rounds"]:
+        assert {"clients", "aggregate", "evaluate", "save"} <= entry["timing"].keys()
+        assert entry["timing"]["clients"] >= max(m["train-seconds"] for m in entry["clients"].values())
+        for m in entry["clients"].values():
+            assert {"load-seconds", "train-seconds", "serialize-seconds", "startup-seconds"} <= m.keys()
