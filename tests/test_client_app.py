@@ -274,3 +274,18 @@ def test_int8_upload_sends_the_quantized_update_after_the_noise():
     arrays = reply.content["arrays"]
     assert {k for k in arrays.keys() if not k.endswith("|scale")} == set(state)
     assert all(arrays[k].numpy().dtype.name == "int8" for k in state)
+
+
+def test_a_deployment_client_tokenizes_its_file_once(bank_csv, tmp_path, monkeypatch):
+    cfg = load_config(run_config(FIXED_NOISE))
+    node = {"data-path": str(bank_csv), "state-dir": str(tmp_path)}
+    first = local_round.client_data(cfg, node)
+    assert len(list(tmp_path.glob("tokens-*.pt"))) == 1
+    local_round._cached_client_data.cache_clear()  # a new process: only the disk remembers
+    monkeypatch.setattr(local_round, "load_table", lambda *a, **k: pytest.fail("the file was read again"))
+    again = local_round.client_data(cfg, node)
+    assert torch.equal(again.input_ids, first.input_ids) and torch.equal(again.labels, first.labels)
+    monkeypatch.undo()
+    edited = tmp_path / "edited.csv"
+    pd.read_csv(bank_csv).head(10).to_csv(edited, index=False)
+    assert len(local_round.client_data(cfg, {**node, "data-path": str(edited)})) == 10
