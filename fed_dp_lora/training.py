@@ -7,6 +7,8 @@ by the number of tokens in the batch, so clipping never bites).
 
 from __future__ import annotations
 
+import contextlib
+
 import math
 import secrets
 from dataclasses import dataclass
@@ -37,14 +39,32 @@ class Encoded:
         return int(self.input_ids.shape[0])
 
     def batch(self, index: torch.Tensor, device: torch.device) -> dict[str, torch.Tensor]:
-        """Rows `index`, trimmed to the longest sequence among them."""
+        """Rows `index`, trimmed to the longest sequence among them.
+
+        On CUDA the rows go through pinned memory, so the copy to the GPU is asynchronous.
+        """
         mask = self.attention_mask[index]
         width = max(int(mask.sum(dim=1).max()), 1)
-        return {
-            "input_ids": self.input_ids[index, :width].to(device),
-            "attention_mask": mask[:, :width].to(device),
-            "labels": (self.labels[index] if self.labels.dim() == 1 else self.labels[index, :width]).to(device),
+        rows = {
+            "input_ids": self.input_ids[index, :width],
+            "attention_mask": mask[:, :width],
+            "labels": self.labels[index] if self.labels.dim() == 1 else self.labels[index, :width],
         }
+        if device.type == "cuda":
+            return {k: v.pin_memory().to(device, non_blocking=True) for k, v in rows.items()}
+        return {k: v.to(device) for k, v in rows.items()}
+
+
+def compute_precision(device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16 autocast on a CUDA GPU that supports it, else fp32.
+
+    Only the forward runs under it; per-record losses are taken in fp32 from the logits, and the
+    engine clips fp32 copies of the per-sample gradients, so the clipping bound holds exactly
+    for what is summed. On CPU bf16 matmuls are slower than fp32 here, so CPU stays fp32.
+    """
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 def encode(table: pd.DataFrame, tokenizer: PreTrainedTokenizerBase, cfg: DictConfig) -> Encoded:
@@ -153,7 +173,8 @@ def train_local(
         optimizer.zero_grad(set_to_none=True)
         if len(index) > 0:
             batch = data.batch(index, device)
-            losses = per_sample_losses(model, batch, None)
+            with compute_precision(device):
+                losses = per_sample_losses(model, batch, None)
             engine.backward(losses, None if record_weights is None else record_weights[batch["labels"]])
             loss_sum += float(losses.detach().sum())
         else:
@@ -175,10 +196,12 @@ def evaluate(model: nn.Module, data: Encoded, batch_size: int) -> dict[str, floa
         index = torch.arange(start, min(start + batch_size, len(data)))
         batch = data.batch(index, device)
         if classification:
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            with compute_precision(device):
+                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             outputs.append(torch.softmax(logits.float(), dim=-1).cpu())
         else:
-            losses = per_sample_losses(model, batch, None)
+            with compute_precision(device):
+                losses = per_sample_losses(model, batch, None)
             tokens = (batch["labels"][:, 1:] != IGNORE).sum(dim=1)
             total_loss += float((losses * tokens).sum())
             total_tokens += int(tokens.sum())

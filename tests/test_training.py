@@ -401,3 +401,16 @@ def test_causal_lm_dp_step_and_evaluate(smol_env, smol_tokenizer):
     assert math.isfinite(stats.mean_loss) and stats.mean_loss > 0
     changed = _changed(before, trainable_state(model))
     assert all(changed.values()), [n for n, c in changed.items() if not c]
+
+
+def test_bf16_autocast_only_on_a_cuda_device_that_supports_it(monkeypatch):
+    import contextlib
+
+    from fed_dp_lora.training import compute_precision
+
+    assert isinstance(compute_precision(torch.device("cpu")), contextlib.nullcontext)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert isinstance(compute_precision(torch.device("cuda")), contextlib.nullcontext)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    ctx = compute_precision(torch.device("cuda"))
+    assert isinstance(ctx, torch.autocast) and ctx.fast_dtype == torch.bfloat16
