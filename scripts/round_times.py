@@ -37,7 +37,10 @@ def breakdown(summary: dict) -> dict[str, float]:
     out = {"rounds": float(len(rounds))}
     for key in SERVER_KEYS:
         out[key] = _median([float(r["timing"][key]) for r in rounds if key in r.get("timing", {})])
-    out["wall"] = _median([sum(float(r["timing"].get(k, 0.0)) for k in SERVER_KEYS) for r in rounds if "timing" in r])
+    walls = [sum(float(r["timing"].get(k, 0.0)) for k in SERVER_KEYS) for r in rounds if "timing" in r]
+    if not walls:  # a run from before per-round timing: the gaps between rounds' end times
+        walls = [b["seconds"] - a["seconds"] for a, b in zip(summary["rounds"], summary["rounds"][1:])]
+    out["wall"] = _median(walls)
     for key in CLIENT_KEYS:
         out[key.split("-")[0]] = _median([float(m[key]) for m in clients if key in m])
     busy = sum(float(m.get(k, 0.0)) for m in clients for k in CLIENT_KEYS)
