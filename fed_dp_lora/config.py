@@ -75,7 +75,8 @@ def _choice(cfg: DictConfig, key: str, allowed: tuple[str, ...]) -> None:
 # key instead of a bare ValueError from int(), and `lora.r=2.5` is not silently truncated.
 _INTEGERS = {"seed": False, "rounds": False, "model.keep_layers": True, "lora.r": False,
              "lora.init_seed": False, "train.batch_size": False, "train.max_length": False,
-             "eval.batch_size": False, "eval.interval": False, "audit.canaries": False, "audit.seed": False}
+             "train.micro_batch_size": True, "eval.batch_size": False, "eval.interval": False,
+             "audit.canaries": False, "audit.seed": False}
 _FLOATS = {"lora.alpha": False, "lora.dropout": False, "data.test_fraction": False,
            "data.dirichlet_alpha": False, "privacy.epsilon": True, "privacy.delta": True,
            "privacy.noise_multiplier": True, "privacy.clip_norm": False, "train.epochs": False,
@@ -217,6 +218,10 @@ def validate(cfg: DictConfig) -> None:
     _require(float(cfg.train.lr) > 0, "train.lr", "must be > 0", "e.g. 0.003")
     _choice(cfg, "train.optimizer", ("adam", "sgd"))
     _choice(cfg, "train.device", ("auto", "cpu", "cuda"))
+    _require(cfg.train.micro_batch_size is None or int(cfg.train.micro_batch_size) >= 1, "train.micro_batch_size",
+             "must be >= 1", "e.g. train.micro_batch_size=16, or null for whole batches")
+    _require(isinstance(cfg.train.gradient_checkpointing, bool), "train.gradient_checkpointing",
+             f"{cfg.train.gradient_checkpointing!r} is not a boolean", "use true or false")
     _require(int(cfg.train.max_length) >= 8, "train.max_length", "must be >= 8", "e.g. 64")
     _require(int(cfg.eval.batch_size) >= 1, "eval.batch_size", "must be >= 1", "e.g. 256")
     _require(int(cfg.eval.interval) >= 1, "eval.interval", "must be >= 1", "e.g. 1 (every round)")

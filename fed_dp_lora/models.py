@@ -270,7 +270,12 @@ def add_lora(model: PreTrainedModel, cfg: DictConfig) -> PeftModel:
 
 
 def build_model(cfg: DictConfig, num_labels: int | None) -> PeftModel:
-    return add_lora(load_base(cfg, num_labels), cfg)
+    model = add_lora(load_base(cfg, num_labels), cfg)
+    if cfg.train.gradient_checkpointing:
+        # Non-reentrant: needs no input that requires grad (the base is frozen), and the fused
+        # per-sample path computes its gradients once, in the real backward, not the recompute.
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
 
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:

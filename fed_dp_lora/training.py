@@ -168,16 +168,19 @@ def train_local(
         engine.verify_coverage(per_sample_losses(model, probe, None))
     examples = empty = 0
     loss_sum = 0.0
+    micro = len(data) if cfg.train.micro_batch_size is None else int(cfg.train.micro_batch_size)
     for _ in range(steps):
         index = (torch.rand(len(data), generator=generator) < sample_rate).nonzero().squeeze(1)
         optimizer.zero_grad(set_to_none=True)
-        if len(index) > 0:
-            batch = data.batch(index, device)
+        # A logical (Poisson) batch larger than fits at once runs in micro-batches; the engine
+        # clips per record and adds noise once per logical step, so nothing else changes.
+        for chunk in index.split(micro) if len(index) > 0 else ():
+            batch = data.batch(chunk, device)
             with compute_precision(device):
                 losses = per_sample_losses(model, batch, None)
             engine.backward(losses, None if record_weights is None else record_weights[batch["labels"]])
             loss_sum += float(losses.detach().sum())
-        else:
+        if len(index) == 0:
             empty += 1  # HF models crash on an empty batch; the engine takes a noise-only step
         if engine.finalize(len(index)):
             optimizer.step()

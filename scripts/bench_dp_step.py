@@ -192,12 +192,14 @@ def _per_sample_and_sum(v: Variant, batch) -> tuple[dict, dict]:
     try:
         v.model.zero_grad(set_to_none=True)
         torch.manual_seed(1234)  # the same dropout masks for every variant
-        v.forward_backward(batch)
         if v.name == "dplora":
+            v.forward_backward(batch)
             per = {names[p]: g.detach().float().clone() for p, g in v.engine.get_per_sample_grads()}
             return per, {}
-        per = {n: p.grad_sample.detach().clone() for p, n in names.items()
-               if getattr(p, "grad_sample", None) is not None}
+        flat = v.engine.per_sample_gradients(per_sample_losses(v.engine.module, batch, None))
+        per = {v.engine.names[p]: g.view(-1, *p.shape).clone() for p, g in zip(v.engine.params, flat)}
+        torch.manual_seed(1234)
+        v.forward_backward(batch)  # the same batch again, now clipped into the step's sum
         v.engine.finalize(v.args.batch)
         return per, {n: p.grad.detach().clone() for p, n in names.items()}
     finally:

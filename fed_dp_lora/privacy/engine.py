@@ -77,6 +77,13 @@ class PrivateGradientEngine(GradientEngine):
                 "per_sample='auto' or 'opacus', or freeze them"
             )
         self._fused: fused.FusedHandle | None = None
+        checkpointing = any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
+        if checkpointing and (per_sample == "opacus" or uncovered):
+            raise CoverageError(
+                "gradient checkpointing needs the fused per-sample path (Opacus' hooks fail on the "
+                f"recomputed forward), and {'per_sample=opacus was asked' if not uncovered else uncovered[:3]} "
+                "Fix: train.gradient_checkpointing=false, or train only Linear layers"
+            )
         if per_sample == "opacus" or uncovered:
             self.per_sample = "opacus"
             # loss_reduction="sum": we backprop the sum of per-sample losses, so grad_sample[i]
@@ -95,23 +102,41 @@ class PrivateGradientEngine(GradientEngine):
         self.generator = generator
         self.last_clipped_fraction = 0.0
         self.last_median_norm = 0.0
-        self._weights: torch.Tensor | None = None
+        self._sums: list[torch.Tensor] | None = None  # clipped sums of this logical step so far
+        self._norms: list[torch.Tensor] = []
 
     def backward(self, per_sample_losses: torch.Tensor, weights: torch.Tensor | None = None) -> None:
-        """Per-record gradients of the losses; `weights` (each in (0, 1]) weight the records.
+        """Clip each record's gradient and add it to this logical step's sum.
 
-        A loss weight would be undone by clipping (a clipped gradient has norm C whatever its
-        weight), so the weight multiplies the clipped gradient: record i adds w_i clip(g_i, C),
-        of norm at most C w_i <= C. The sensitivity, and with it the noise and the
-        accounting, are unchanged.
+        Called once per micro-batch when a logical (Poisson) batch is processed in pieces
+        (`train.micro_batch_size`): clipping is per record, so the sum is the same whichever
+        way the batch is cut, and `finalize` adds the noise once per logical step.
+
+        `weights` (each in (0, 1]) weight the records. A loss weight would be undone by
+        clipping (a clipped gradient has norm C whatever its weight), so the weight multiplies
+        the clipped gradient: record i adds w_i clip(g_i, C), of norm at most C w_i <= C. The
+        sensitivity, and with it the noise and the accounting, are unchanged.
         """
         if weights is not None and (weights.min() <= 0 or weights.max() > 1):
             raise ValueError("clip weights must lie in (0, 1]: each record's bound is C * w <= C")
-        self._weights = None if weights is None else weights.detach().float()
+        flat = self.per_sample_gradients(per_sample_losses)
+        # Squared norms per tensor, summed: no concatenation, no B x numel temporary.
+        norms = torch.sqrt(sum(torch.linalg.vector_norm(g.float(), dim=1).square() for g in flat))
+        factors = (self.clip_norm / (norms + 1e-6)).clamp(max=1.0)
+        if weights is not None:
+            factors = factors * weights.detach().float()  # w_i * clip(g_i, C): norm <= C * w_i <= C
+        sums = [factors @ g.float() for g in flat]
+        self._sums = sums if self._sums is None else [a.add_(b) for a, b in zip(self._sums, sums)]
+        self._norms.append(norms.detach())
+
+    def per_sample_gradients(self, per_sample_losses: torch.Tensor) -> list[torch.Tensor]:
+        """Each record's gradient of every trainable tensor (B x numel, in `self.params` order),
+        from one backward of the summed losses; raises CoverageError if one is missing."""
         if self._fused is not None:
             for p in self._fused.params:  # .grad_sample accumulates: start from nothing
                 p.grad_sample = None
         per_sample_losses.sum().backward()
+        return self._per_sample_grads(per_sample_losses.shape[0])
 
     def verify_coverage(self, per_sample_losses: torch.Tensor) -> None:
         """Refuse before the first step if any trainable tensor lacks a per-sample gradient.
@@ -120,7 +145,7 @@ class PrivateGradientEngine(GradientEngine):
         Checking only inside steps would let noise-only steps (empty batches) run first.
         """
         self.backward(per_sample_losses)
-        self._per_sample_grads(per_sample_losses.shape[0])
+        self._sums, self._norms = None, []
         for p in self.params:
             p.grad = None
 
@@ -136,26 +161,26 @@ class PrivateGradientEngine(GradientEngine):
                 )
             grads.append(gs.reshape(batch_size, -1))  # a view: grad_sample is contiguous
             p.grad_sample = None
+            p.grad = None
         return grads
 
     def finalize(self, batch_size: int) -> bool:
-        """Replace p.grad by (sum_i clip(g_i) + N(0, (sigma C)^2)) / expected batch size.
+        """Set p.grad = (sum_i clip(g_i) + N(0, (sigma C)^2)) / expected batch size.
 
-        An empty Poisson batch contributes a zero sum: the step is noise only, and it is
-        still a step the accountant counts.
+        One noise draw per logical step, however many micro-batches made the sum. An empty
+        Poisson batch contributes a zero sum: the step is noise only, and it is still a step
+        the accountant counts.
         """
         if batch_size > 0:
-            flat = self._per_sample_grads(batch_size)
-            # Squared norms per tensor, summed: no concatenation, no B x numel temporary.
-            norms = torch.sqrt(sum(torch.linalg.vector_norm(g, dim=1).square() for g in flat))
-            factors = (self.clip_norm / (norms + 1e-6)).clamp(max=1.0)
-            self.last_clipped_fraction = float((factors < 1.0).float().mean())
+            norms = torch.cat(self._norms)
+            if len(norms) != batch_size:
+                raise RuntimeError(f"finalize({batch_size}) after backward over {len(norms)} records")
+            self.last_clipped_fraction = float((norms > self.clip_norm).float().mean())
             self.last_median_norm = float(norms.median())
-            if self._weights is not None:
-                factors = factors * self._weights  # w_i * clip(g_i, C): norm <= C * w_i <= C
-            sums = [factors @ g for g in flat]
+            sums = self._sums
         else:
             sums = [torch.zeros(p.numel(), device=p.device) for p in self.params]
+        self._sums, self._norms = None, []
         std = self.noise_multiplier * self.clip_norm
         for p, s in zip(self.params, sums):
             noise = torch.normal(0.0, std, size=s.shape, device=s.device, generator=self.generator)

@@ -156,10 +156,8 @@ def test_fused_matches_opacus_with_lora_dropout(make_cfg):
         engine = PrivateGradientEngine(model, 1.0, 1.0, 0.0, torch.Generator(), per_sample=mode)
         try:
             torch.manual_seed(5)  # the same dropout masks in both forwards
-            engine.backward(per_sample_losses(engine.module, batch, None))
-            grads[mode] = {name: p.grad_sample.clone() for name, p in params.items()}
-            for p in params.values():
-                p.grad, p.grad_sample = None, None
+            flat = engine.per_sample_gradients(per_sample_losses(engine.module, batch, None))
+            grads[mode] = {engine.names[p]: g.clone() for p, g in zip(engine.params, flat)}
         finally:
             engine.detach()
     for name in params:
@@ -207,9 +205,10 @@ def test_remove_restores_the_original_forward(make_cfg):
     model.zero_grad(set_to_none=True)
     engine = PrivateGradientEngine(model, 1.0, 1e9, 0.0, torch.Generator(), per_sample="fused")
     try:
-        engine.backward(per_sample_losses(engine.module, batch, None))
-        for name, p in params.items():
-            assert torch.allclose(p.grad_sample.sum(dim=0), summed[name], rtol=1e-5, atol=1e-7), name
+        flat = engine.per_sample_gradients(per_sample_losses(engine.module, batch, None))
+        for p, g in zip(engine.params, flat):
+            name = engine.names[p]
+            assert torch.allclose(g.sum(dim=0).view_as(p), summed[name], rtol=1e-5, atol=1e-7), name
     finally:
         engine.detach()
     assert _swapped(model) == []
@@ -231,7 +230,9 @@ def test_engine_detach_leaves_the_model_for_the_next_round(make_cfg):
 
 
 def test_an_aborted_step_does_not_leak_into_the_next(make_cfg):
-    """A backward whose step never finalized (an exception in between) must not add to the next."""
+    """Leftovers of a step that never finalized (an exception in between) never reach a release:
+    stale per-sample gradients are cleared by the next backward, and a clipped sum over other
+    records than the step's is refused at finalize."""
     cfg, model, data = _setup(make_cfg, 6)
     _no_dropout(model)
     _off_zero(model)
@@ -239,19 +240,29 @@ def test_an_aborted_step_does_not_leak_into_the_next(make_cfg):
     params = _trainable(model)
     first, second = data.batch(torch.arange(3), CPU), data.batch(torch.arange(3, 6), CPU)
 
-    def step(*batches) -> dict[str, torch.Tensor]:
+    def step(batch, stale: bool = False) -> dict[str, torch.Tensor]:
         engine = PrivateGradientEngine(model, 1.0, 1e9, 0.0, torch.Generator(), per_sample="fused")
         try:
-            for batch in batches:
-                engine.backward(per_sample_losses(engine.module, batch, None))
+            if stale:  # a backward that died half-way left per-sample gradients behind
+                for p in params.values():
+                    p.grad_sample = torch.ones(3, *p.shape)
+            engine.backward(per_sample_losses(engine.module, batch, None))
             engine.finalize(3)
         finally:
             engine.detach()
         return {name: p.grad.clone() for name, p in params.items()}
 
-    alone, after_abort = step(second), step(first, second)
+    alone, after_abort = step(second), step(second, stale=True)
     for name in params:
         assert torch.allclose(after_abort[name], alone[name], rtol=1e-6, atol=1e-9), name
+    engine = PrivateGradientEngine(model, 1.0, 1e9, 0.0, torch.Generator(), per_sample="fused")
+    try:
+        for batch in (first, second):  # the first batch's step never finalized
+            engine.backward(per_sample_losses(engine.module, batch, None))
+        with pytest.raises(RuntimeError, match="finalize.3. after backward over 6 records"):
+            engine.finalize(3)
+    finally:
+        engine.detach()
 
 
 # ---------------------------------------------------------------------------------------------
