@@ -76,6 +76,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--keep-layers", type=int, default=None, help="truncate the model (smoke runs)")
     ap.add_argument("--overrides", default="", help="extra config overrides, e.g. 'lora.r=16'")
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    ap.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                    help="auto: a CUDA GPU when there is one (then memory is torch's peak allocation)")
     ap.add_argument("--dp-lora", action="store_true", help="add the dp-lora package as a variant")
     ap.add_argument("--no-memory", action="store_true", help="skip the memory subprocesses")
     ap.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)
@@ -102,7 +104,7 @@ def child_argv(args: argparse.Namespace, variant: str) -> list[str]:
 
 def setup(args: argparse.Namespace):
     overrides = [f"lora={args.lora}", f"model.quantization={args.quantization}",
-                 f"train.max_length={args.seq}", "train.device=cpu"]
+                 f"train.max_length={args.seq}", f"train.device={args.device}"]
     if args.keep_layers is not None:
         overrides.append(f"model.keep_layers={args.keep_layers}")
     cfg = load_config({"overrides": " ".join(overrides) + " " + args.overrides})
@@ -303,6 +305,15 @@ def measure_memory(args: argparse.Namespace) -> dict[str, float]:
     v.attach()
     v.step(batch)  # warm-up: lazy inits, optimizer state, allocator
     gc.collect()
+    if next(model.parameters()).device.type == "cuda":  # GPU memory is the allocator's, not RSS
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        for _ in range(args.mem_steps):
+            v.step(batch)
+        top = torch.cuda.max_memory_allocated()
+        v.detach()
+        return {"base_mb": base / 2**20, "peak_mb": top / 2**20, "growth_mb": (top - base) / 2**20,
+                "method": "torch.cuda.max_memory_allocated"}
     base = _status_kb("VmRSS")
     sampler = None
     try:
@@ -371,9 +382,11 @@ def main(argv: list[str] | None = None) -> None:
     medians = {name: statistics.median(t) for name, t in times.items()}
     memory = {} if args.no_memory else {name: memory_in_subprocess(args, name) for name in names}
 
-    print(f"\n{'variant':8} {'median ms':>10} {'vs nodp':>8} {'peak RSS MB':>12} {'step MB':>8} {'mem vs nodp':>12}")
+    tokens = args.batch * args.seq
+    print(f"\n{'variant':8} {'median ms':>10} {'tokens/s':>9} {'vs nodp':>8} {'peak MB':>12} {'step MB':>8} "
+          f"{'mem vs nodp':>12}")
     for name in names:
-        row = f"{name:8} {1000 * medians[name]:10.1f} {medians[name] / medians['nodp']:8.3f}"
+        row = f"{name:8} {1000 * medians[name]:10.1f} {tokens / medians[name]:9.0f} {medians[name] / medians['nodp']:8.3f}"
         if memory:
             m = memory[name]
             row += f" {m['peak_mb']:12.1f} {m['growth_mb']:8.1f} {m['peak_mb'] / memory['nodp']['peak_mb']:12.3f}"
@@ -382,7 +395,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"(memory: {memory['nodp']['method']}; peak RSS while stepping, step MB = peak over "
               "the RSS after load + one warm-up step)")
     keys = {"dp_vs_nodp": "fused", "opacus_vs_nodp": "opacus", "dplora_vs_nodp": "dplora"}
-    pairs = []
+    device = next(model.parameters()).device.type
+    pairs = [f"device={device}", f"dp_tokens_per_s={tokens / medians['fused']:.0f}"]
     for key, name in keys.items():
         if name not in medians:
             continue

@@ -20,7 +20,8 @@ from fed_dp_lora.experiments.readme import write_section  # noqa: E402
 
 STEP_COLUMNS = [("dp_vs_nodp_time", "our DP step / non-DP, time"), ("dp_vs_nodp_mem", "our DP step / non-DP, peak memory"),
                 ("opacus_vs_nodp_time", "Opacus hooks / non-DP, time"), ("opacus_vs_nodp_mem", "Opacus, memory"),
-                ("dplora_vs_nodp_time", "dp-lora / non-DP, time"), ("dplora_vs_nodp_mem", "dp-lora, memory")]
+                ("dplora_vs_nodp_time", "dp-lora / non-DP, time"), ("dplora_vs_nodp_mem", "dp-lora, memory"),
+                ("dp_tokens_per_s", "our DP step, tokens/s")]
 
 
 def key_values(path: Path) -> dict[str, str]:
