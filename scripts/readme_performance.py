@@ -5,7 +5,8 @@
     .venv/bin/python scripts/readme_performance.py results/perf --readme README.md
 
 Every benchmark ends with one line of key=value pairs; files named `dp-step-<setting>.txt` form
-the DP-step table (one row per setting), every other file one line of its own.
+the DP-step table (one row per setting), every other file gives its key=value line and the
+tables it printed.
 """
 
 from __future__ import annotations
@@ -38,7 +39,12 @@ def render(folder: Path) -> str:
                      + " | ".join(kv.get(key, "n/a") for key, _ in STEP_COLUMNS) + " |")
     others = [p for p in sorted(folder.glob("*.txt")) if not p.name.startswith("dp-step-")]
     for path in others:
+        tables = [ln for ln in path.read_text().splitlines() if ln.startswith("|")]
         lines += ["", f"`{path.stem}`: " + ", ".join(f"{k} = {v}" for k, v in key_values(path).items())]
+        for i, row in enumerate(tables):
+            if i + 1 < len(tables) and tables[i + 1].startswith("|---"):
+                lines.append("")  # a header row: a new table starts
+            lines.append(row)
     return "\n".join(lines) + "\n"
 
 
