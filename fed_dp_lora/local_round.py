@@ -198,7 +198,7 @@ def _train_round(
     model = cached_model(cfg)
     load_trainable_state(model, global_state)
     device = next(p for p in model.parameters() if p.requires_grad).device
-    metrics: dict[str, float] = {"num-examples": n, "sample-rate": rate}
+    metrics: dict[str, float] = {"num-examples": n, "sample-rate": rate, "replayed": 0.0}
     if node.partition is not None:
         metrics["partition-id"] = node.partition[0]
     secret = _client_secret(cfg, node, store) if server_round else None

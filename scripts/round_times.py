@@ -33,7 +33,7 @@ def _median(values: list[float]) -> float:
 
 def breakdown(summary: dict) -> dict[str, float]:
     rounds = summary["rounds"][1:] if len(summary["rounds"]) > 1 else summary["rounds"]
-    clients = [m for r in rounds for m in r["clients"].values() if "replayed" not in m]
+    clients = [m for r in rounds for m in r["clients"].values() if not m.get("replayed")]
     out = {"rounds": float(len(rounds))}
     for key in SERVER_KEYS:
         out[key] = _median([float(r["timing"][key]) for r in rounds if key in r.get("timing", {})])

@@ -130,6 +130,14 @@ class CheckedAggregation:
             bytes_up += sent_bytes
             clients[name] = {k: float(v) for k, v in metrics.items()}
             accepted.append(reply)
+        # Flower's aggregation refuses replies whose metrics differ in keys: keep the common ones
+        # (the report above has every client's full metrics), so one odd reply cannot stop a round.
+        common = set.intersection(*(set(r.content["metrics"].keys()) for r in accepted)) if accepted else set()
+        for reply in accepted:
+            metrics = reply.content["metrics"]
+            if set(metrics.keys()) != common:
+                reply.content = RecordDict({"arrays": reply.content["arrays"],
+                                            "metrics": MetricRecord({k: metrics[k] for k in common})})
         bytes_down = payload_bytes(reference) * sent_to if reference is not None else 0
         minimum = int(self.min_train_nodes)
         if enforce_minimum and len(accepted) < minimum:

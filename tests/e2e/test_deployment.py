@@ -192,5 +192,5 @@ def test_round_times_show_where_a_deployment_round_goes(deployment):
     for entry in deployment.summary["rounds"]:
         for name, m in entry["clients"].items():
             assert m["train-seconds"] > 0 and m["load-seconds"] > 0, (entry["round"], name)
-            if "replayed" not in m:
+            if not m.get("replayed"):
                 assert m["startup-seconds"] > 1, "each deployment message is a new process"

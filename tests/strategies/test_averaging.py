@@ -252,3 +252,15 @@ def test_bytes_up_and_down_are_counted_per_round(tmp_path, make_cfg):
     comm = summary["communication"]
     assert comm["per_round"] == [{"round": r, "up": 2 * size, "down": 3 * size} for r in (1, 2)]
     assert comm["up"] == 4 * size and comm["down"] == 6 * size
+
+
+def test_replies_with_different_metric_keys_are_still_aggregated(tmp_path, make_cfg):
+    """A client resending a kept update reports one key more: the round must not fail on it."""
+    cfg = make_cfg()
+    report = make_report(tmp_path, cfg)
+    grid = InProcessGrid({1: reply_with(filled(REFERENCE, 1.0), 10),
+                          2: reply_with(filled(REFERENCE, 3.0), 30, replayed=1.0)})
+    result = run_strategy(build_strategy(cfg, report), grid, REFERENCE)
+    got = result.arrays.to_torch_state_dict()
+    assert all(torch.allclose(got[k], REFERENCE[k] + 2.5) for k in REFERENCE)
+    assert report.rounds[0]["clients"]["node-2"]["replayed"] == 1.0  # the report keeps everything
