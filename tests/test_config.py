@@ -8,6 +8,7 @@ import pytest
 from fed_dp_lora import local_round
 from fed_dp_lora.config import (
     ConfigError,
+    apply_node_config,
     compose_config,
     load_config,
     resolve_delta,
@@ -319,9 +320,6 @@ def test_refused_combination_stops_the_server_before_any_message(tmp_path):
 
 
 # --- per-institution settings (node config) and resume ----------------------------------------
-
-from fed_dp_lora.config import apply_node_config, load_config  # noqa: E402
-
 
 def deployment(tmp_path, **extra) -> dict:
     return {"data-path": str(tmp_path / "records.csv"), "state-dir": str(tmp_path / "state"), **extra}
