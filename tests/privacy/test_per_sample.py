@@ -166,19 +166,23 @@ def test_fused_matches_opacus_with_lora_dropout(make_cfg):
         assert float((grads["fused"][name] - grads["opacus"][name]).abs().max()) <= 1e-5 * scale, name
 
 
+def _ready(make_cfg, n: int = 4):
+    """A model with dropout off and B and the head off zero, in train mode; its trainable
+    tensors and one batch of n records."""
+    cfg, model, data = _setup(make_cfg, n)
+    _no_dropout(model)
+    _off_zero(model)
+    model.train()
+    return model, _trainable(model), data.batch(torch.arange(n), CPU)
+
+
 # ---------------------------------------------------------------------------------------------
 # 3. attach / remove on the cached model
 # ---------------------------------------------------------------------------------------------
 
 
 def test_remove_restores_the_original_forward(make_cfg):
-    n = 4
-    cfg, model, data = _setup(make_cfg, n)
-    _no_dropout(model)
-    _off_zero(model)
-    model.train()
-    params = _trainable(model)
-    batch = data.batch(torch.arange(n), CPU)
+    model, params, batch = _ready(make_cfg)
     assert _swapped(model) == []
     with torch.no_grad():
         before = per_sample_losses(model, batch, None)
@@ -321,13 +325,7 @@ def test_unknown_per_sample_mode_is_refused(make_cfg):
 
 
 def test_non_private_engine_is_untouched(make_cfg):
-    n = 4
-    cfg, model, data = _setup(make_cfg, n)
-    _no_dropout(model)
-    _off_zero(model)
-    model.train()
-    params = _trainable(model)
-    batch = data.batch(torch.arange(n), CPU)
+    model, params, batch = _ready(make_cfg)
     per_sample_losses(model, batch, None).sum().div(2.0).backward()
     plain = {name: p.grad.clone() for name, p in params.items()}
     model.zero_grad(set_to_none=True)
@@ -339,7 +337,7 @@ def test_non_private_engine_is_untouched(make_cfg):
     engine = GradientEngine(model, 2.0)
     assert engine.module is model and _swapped(model) == []
     engine.backward(per_sample_losses(engine.module, batch, None))
-    assert engine.finalize(n) is True
+    assert engine.finalize(len(batch["labels"])) is True
     for name, p in params.items():
         assert not hasattr(p, "grad_sample"), name
         assert torch.equal(p.grad, plain[name]), name
