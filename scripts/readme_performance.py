@@ -30,13 +30,28 @@ def key_values(path: Path) -> dict[str, str]:
     return dict(pair.split("=", 1) for pair in last.split())
 
 
+def setting(path: Path) -> list[str]:
+    """Model, batch and the non-private step's median ms, from the `model ...` and `nodp` lines."""
+    lines = path.read_text().splitlines()
+    described = [ln for ln in lines if ln.startswith("model ")]
+    nodp = [ln.split()[1] for ln in lines if ln.startswith("nodp ")]
+    if not described:
+        return ["n/a", "n/a", nodp[0] if nodp else "n/a"]
+    tokens = described[0].split()
+    kv = dict(t.split("=", 1) for t in tokens[2:] if "=" in t)
+    quant = kv.get("quantization", "none")
+    model = f"{tokens[1]} ({kv.get('layers', '?')} layers), {kv.get('lora', '?')}" + ("" if quant == "none" else f", {quant}-bit")
+    return [model, kv.get("batch", "n/a"), nodp[0] if nodp else "n/a"]
+
+
 def render(folder: Path) -> str:
-    lines = ["| setting (`scripts/bench_dp_step.py`) | " + " | ".join(label for _, label in STEP_COLUMNS) + " |",
-             "|---|" + "---|" * len(STEP_COLUMNS)]
+    head = ["setting (`scripts/bench_dp_step.py`)", "model, LoRA, base", "batch", "non-DP step, ms"]
+    lines = ["| " + " | ".join(head + [label for _, label in STEP_COLUMNS]) + " |",
+             "|---|" + "---|" * (len(head) - 1 + len(STEP_COLUMNS))]
     for path in sorted(folder.glob("dp-step-*.txt")):
         kv = key_values(path)
-        lines.append(f"| {path.stem.removeprefix('dp-step-')} | "
-                     + " | ".join(kv.get(key, "n/a") for key, _ in STEP_COLUMNS) + " |")
+        cells = [path.stem.removeprefix("dp-step-"), *setting(path), *(kv.get(key, "n/a") for key, _ in STEP_COLUMNS)]
+        lines.append("| " + " | ".join(cells) + " |")
     others = [p for p in sorted(folder.glob("*.txt")) if not p.name.startswith("dp-step-")]
     for path in others:
         tables = [ln for ln in path.read_text().splitlines() if ln.startswith("|")]
