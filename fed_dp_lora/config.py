@@ -75,7 +75,7 @@ def _choice(cfg: DictConfig, key: str, allowed: tuple[str, ...]) -> None:
 # key instead of a bare ValueError from int(), and `lora.r=2.5` is not silently truncated.
 _INTEGERS = {"seed": False, "rounds": False, "model.keep_layers": True, "lora.r": False,
              "lora.init_seed": False, "train.batch_size": False, "train.max_length": False,
-             "train.micro_batch_size": True, "eval.batch_size": False, "eval.interval": False,
+             "train.micro_batch_size": True, "eval.interval": False,
              "audit.canaries": False, "audit.seed": False}
 _FLOATS = {"lora.alpha": False, "lora.dropout": False, "data.test_fraction": False,
            "data.dirichlet_alpha": False, "privacy.epsilon": True, "privacy.delta": True,
@@ -223,7 +223,10 @@ def validate(cfg: DictConfig) -> None:
     _require(isinstance(cfg.train.gradient_checkpointing, bool), "train.gradient_checkpointing",
              f"{cfg.train.gradient_checkpointing!r} is not a boolean", "use true or false")
     _require(int(cfg.train.max_length) >= 8, "train.max_length", "must be >= 8", "e.g. 64")
-    _require(int(cfg.eval.batch_size) >= 1, "eval.batch_size", "must be >= 1", "e.g. 256")
+    size = cfg.eval.batch_size
+    _require(size == "auto" or isinstance(size, int) and not isinstance(size, bool) and size >= 1,
+             "eval.batch_size", f"{size!r} is neither auto nor a whole number >= 1",
+             "use auto (the fastest on a CPU, the largest that fits on a GPU) or e.g. 64")
     _require(int(cfg.eval.interval) >= 1, "eval.interval", "must be >= 1", "e.g. 1 (every round)")
     _validate_strategy(cfg)
     _choice(cfg, "upload.compression", ("none", "int8"))

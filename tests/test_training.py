@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from sklearn.metrics import roc_auc_score
 
 from fed_dp_lora import models
 from fed_dp_lora.config import compose_config, validate
@@ -26,8 +27,10 @@ from fed_dp_lora.training import (
     encode,
     evaluate,
     majority_baseline,
+    by_length,
     per_sample_losses,
     plan_steps,
+    record_losses,
     train_local,
 )
 
@@ -236,6 +239,27 @@ def test_evaluate_classification_metrics(test_data):
     pred = logits.argmax(dim=1)
     accuracy = float((pred == test_data.labels).float().mean())
     assert metrics["accuracy"] == pytest.approx(accuracy)
+    probs = torch.softmax(logits, dim=-1)[:, 1].numpy()
+    assert metrics["auc"] == pytest.approx(roc_auc_score(test_data.labels.numpy(), probs))
+
+
+def test_evaluation_batches_records_of_similar_length_and_keeps_their_order(credit_split, tokenizer):
+    test_data = encode(credit_split[1].head(20), tokenizer, _cfg("train.max_length=64"))  # several lengths
+    lengths = test_data.attention_mask.sum(dim=1)
+    order = by_length(test_data)
+    assert not torch.equal(order, torch.arange(len(test_data)))  # the data is not already sorted
+    assert torch.all(lengths[order][1:] >= lengths[order][:-1])
+    model = build_model(_cfg(), 2)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # B and the head start at zero: every record's loss would be log 2
+        for p in model.parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+        direct = per_sample_losses(model.eval(), test_data.batch(torch.arange(len(test_data)), torch.device("cpu")),
+                                   None)
+    assert direct.std() > 0.01
+    losses = record_losses(model, test_data, batch_size=6)
+    np.testing.assert_allclose(losses, direct.double().numpy(), rtol=1e-5, atol=1e-6)
 
 
 def test_majority_baseline():
@@ -401,6 +425,45 @@ def test_causal_lm_dp_step_and_evaluate(smol_env, smol_tokenizer):
     assert math.isfinite(stats.mean_loss) and stats.mean_loss > 0
     changed = _changed(before, trainable_state(model))
     assert all(changed.values()), [n for n, c in changed.items() if not c]
+
+
+@pytest.mark.parametrize("per_sample", ["fused", "opacus"])
+def test_causal_lm_clipped_sum_matches_one_record_at_a_time(smol_env, smol_tokenizer, per_sample):
+    """The privacy unit of a causal LM is one sequence: each one's clipped gradient, summed."""
+    cfg = _cfg(*SMOL, "train.max_length=64")
+    model = build_model(smol_env, None)
+    model.train()
+    qa = pd.concat([QA, QA.assign(response=["APR.", "No."])], ignore_index=True)
+    data = encode(qa, smol_tokenizer, cfg)
+    n = len(data)
+    params = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    with torch.no_grad():  # B starts at zero, which would make every A gradient zero
+        gen = torch.Generator().manual_seed(1)
+        for name, p in params.items():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+    per_record = []
+    for i in range(n):
+        model.zero_grad(set_to_none=True)
+        per_sample_losses(model, data.batch(torch.tensor([i]), torch.device("cpu")), None).sum().backward()
+        per_record.append({name: p.grad.detach().double().clone() for name, p in params.items()})
+    model.zero_grad(set_to_none=True)
+    norms = [math.sqrt(sum(float(g.pow(2).sum()) for g in grads.values())) for grads in per_record]
+    clip = sorted(norms)[n // 2 - 1] * 1.0001  # the two longest-gradient records get clipped
+    assert sum(norm > clip for norm in norms) == n // 2
+    expected = {name: sum(min(1.0, clip / norm) * grads[name] for grads, norm in zip(per_record, norms))
+                for name in params}
+
+    engine = PrivateGradientEngine(model, 1.0, clip, 0.0, torch.Generator(), per_sample=per_sample)
+    try:
+        engine.backward(per_sample_losses(engine.module, data.batch(torch.arange(n), torch.device("cpu")), None))
+        assert engine.finalize(n) is True
+    finally:
+        engine.detach()
+    for name, p in params.items():
+        assert expected[name].norm() > 0, f"{name}: zero reference gradient, the test would be vacuous"
+        rel = float((p.grad.double() - expected[name]).norm() / expected[name].norm())
+        assert rel < 1e-5, f"{name}: relative error {rel:.2e}"
 
 
 def test_bf16_autocast_only_on_a_cuda_device_that_supports_it(monkeypatch):

@@ -115,9 +115,10 @@ def test_summary_rounds_privacy_and_communication(simulation):
 
 def test_saved_adapters_reproduce_the_reported_metrics(simulation):
     """PeftModel.from_pretrained(base, adapters/round-N) evaluates to what the run reported."""
+    import torch
     from peft import PeftModel
 
-    from fed_dp_lora.central import central_test_table
+    from fed_dp_lora.central import central_test_table, eval_batch_size
     from fed_dp_lora.config import load_config, to_plain
     from fed_dp_lora.models import load_base, load_tokenizer
     from fed_dp_lora.training import encode, evaluate
@@ -132,7 +133,7 @@ def test_saved_adapters_reproduce_the_reported_metrics(simulation):
 
     for r in (1, ROUNDS):
         model = PeftModel.from_pretrained(load_base(cfg, 2), simulation.out / "adapters" / f"round-{r}")
-        got = evaluate(model, test, int(cfg.eval.batch_size))
+        got = evaluate(model, test, eval_batch_size(cfg.eval.batch_size, torch.device("cpu")))
         want = reported["final"] if r == ROUNDS else reported[r]
         assert set(got) == set(want)
         for key in want:

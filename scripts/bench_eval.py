@@ -1,0 +1,83 @@
+"""Central evaluation time by batch size, on the default task's test set.
+
+    .venv/bin/python scripts/bench_eval.py | tee results/perf/eval-batch.txt
+
+Evaluates the same model on the same records with each batch size, the sizes interleaved
+(every repeat runs each size once), and reports the median seconds per size against 256, the
+old fixed default. eval.batch_size=auto uses fed_dp_lora.central.CPU_EVAL_BATCH on a CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from fed_dp_lora.central import CPU_EVAL_BATCH, central_test_table  # noqa: E402
+from fed_dp_lora.config import compose_config, validate  # noqa: E402
+from fed_dp_lora.data import label_names  # noqa: E402
+from fed_dp_lora.models import build_model, load_tokenizer  # noqa: E402
+from fed_dp_lora.training import encode, evaluate  # noqa: E402
+
+BASELINE = 256
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", default="8,16,32,64,128,256", help="batch sizes, comma-separated")
+    ap.add_argument("--repeats", type=int, default=3, help="timed passes over the test set per size")
+    ap.add_argument("--records", type=int, default=None, help="only the first N test records (smoke runs)")
+    ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    ap.add_argument("--overrides", default="", help="extra config overrides, e.g. 'train.max_length=128'")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    sizes = sorted({int(s) for s in args.sizes.split(",")} | {BASELINE, CPU_EVAL_BATCH})
+
+    cfg = compose_config(args.overrides.split())
+    validate(cfg)
+    table = central_test_table(cfg)
+    if args.records is not None:
+        table = table.head(args.records)
+    data = encode(table, load_tokenizer(cfg), cfg)
+    model = build_model(cfg, len(label_names(cfg)))
+    print(f"model {cfg.model.name} records={len(data)} tokens<={cfg.train.max_length} threads={args.threads} "
+          f"repeats={args.repeats}", flush=True)
+
+    evaluate(model, data, CPU_EVAL_BATCH)  # warm-up
+    seconds: dict[int, list[float]] = {size: [] for size in sizes}
+    results: dict[int, dict[str, float]] = {}
+    for repeat in range(args.repeats):
+        for size in sizes:
+            started = time.perf_counter()
+            results[size] = evaluate(model, data, size)
+            seconds[size].append(time.perf_counter() - started)
+        print(f"repeat {repeat + 1}/{args.repeats}: " + " ".join(f"{s}:{seconds[s][-1]:.1f}s" for s in sizes),
+              flush=True)
+    worst = max(abs(results[s][k] - results[BASELINE][k]) for s in sizes for k in results[BASELINE])
+    print(f"check  every batch size gives the same metrics (max abs diff {worst:.1e})")
+    if worst > 1e-4:
+        raise SystemExit("metrics differ between batch sizes: the timing would compare different work")
+
+    median = {size: statistics.median(seconds[size]) for size in sizes}
+    fastest = min(sizes, key=median.__getitem__)
+    print("\n| eval batch | seconds per pass | vs 256 | records/s |\n|---|---|---|---|")
+    for size in sizes:
+        note = " (auto on CPU)" if size == CPU_EVAL_BATCH else ""
+        print(f"| {size}{note} | {median[size]:.2f} | {median[size] / median[BASELINE]:.3f} | "
+              f"{len(data) / median[size]:.0f} |")
+    print(f"\nrecords={len(data)} auto_batch={CPU_EVAL_BATCH} fastest_batch={fastest} "
+          f"auto_vs_256_time={median[CPU_EVAL_BATCH] / median[BASELINE]:.3f} "
+          f"fastest_vs_256_time={median[fastest] / median[BASELINE]:.3f}")
+
+
+if __name__ == "__main__":
+    main()
