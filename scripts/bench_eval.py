@@ -22,11 +22,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from fed_dp_lora.central import CPU_EVAL_BATCH, central_test_table  # noqa: E402
+from fed_dp_lora.central import CPU_EVAL_BATCH, CentralEvaluator  # noqa: E402
 from fed_dp_lora.config import compose_config, validate  # noqa: E402
-from fed_dp_lora.data import label_names  # noqa: E402
-from fed_dp_lora.models import build_model, load_tokenizer  # noqa: E402
-from fed_dp_lora.training import encode, evaluate  # noqa: E402
+from fed_dp_lora.models import load_trainable_state  # noqa: E402
+from fed_dp_lora.training import Encoded, evaluate  # noqa: E402
 
 BASELINE = 256
 
@@ -44,11 +43,15 @@ def main() -> None:
 
     cfg = compose_config(args.overrides.split())
     validate(cfg)
-    table = central_test_table(cfg)
+    central = CentralEvaluator(cfg)  # the server's own model and test records
+    model, data = central.model, central.test
     if args.records is not None:
-        table = table.head(args.records)
-    data = encode(table, load_tokenizer(cfg), cfg)
-    model = build_model(cfg, len(label_names(cfg)))
+        data = Encoded(data.input_ids[:args.records], data.attention_mask[:args.records], data.labels[:args.records])
+    # B and the head start at zero, which predicts one constant for every record: a random
+    # adapter makes the check below (same metrics at every batch size) mean something.
+    gen = torch.Generator().manual_seed(0)
+    load_trainable_state(model, {name: torch.randn(t.shape, generator=gen) * 0.1
+                                 for name, t in central.initial_state().items()})
     print(f"model {cfg.model.name} records={len(data)} tokens<={cfg.train.max_length} threads={args.threads} "
           f"repeats={args.repeats}", flush=True)
 
