@@ -19,8 +19,9 @@ from fed_dp_lora.training import Encoded, encode, evaluate, majority_baseline, r
 T = TypeVar("T")
 
 # eval.batch_size=auto on a CPU. Measured with scripts/bench_eval.py (the default task's 891 test
-# records, 1 thread, median of 3): batches of 8 to 64 took 0.83-0.90x the time of 256, 32 the
-# least; on a CPU a small batch's activations stay in cache, so a larger batch does not pay.
+# records, 1 thread, median of 3, three runs): batches of 32 took 0.81-0.84x the time of 256,
+# the least of 8 to 256; on a CPU a small batch's activations stay in cache, so a larger batch
+# does not pay.
 CPU_EVAL_BATCH = 32
 # eval.batch_size=auto on a GPU: the largest batch that fits, found by halving from here on
 # out-of-memory (accelerate's find_executable_batch_size), once per server.
