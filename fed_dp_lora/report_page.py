@@ -21,10 +21,11 @@ import matplotlib.pyplot as plt  # noqa: E402
 SHOWN_METRICS = ("balanced_accuracy", "accuracy", "macro_f1", "auc", "loss", "perplexity")
 
 
-def _fmt(value: Any) -> str:
+def fmt(value: Any) -> str:
+    """A cell's text (plain: the HTML writers escape it)."""
     if isinstance(value, float):
         return f"{value:.4g}"
-    return html.escape(str(value))
+    return str(value)
 
 
 def _plot_metrics(rounds: list[dict], path: Path) -> None:
@@ -77,13 +78,13 @@ def _plot_bytes(rounds: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def _sections(summary: dict[str, Any]) -> list[tuple[str, list[str], list[list[str]]]]:
+def summary_tables(summary: dict[str, Any]) -> list[tuple[str, list[str], list[list[str]]]]:
     """(title, header, rows) tables shared by the Markdown and HTML reports."""
     rounds = summary["rounds"]
     metric_keys = [k for k in SHOWN_METRICS if any(k in r.get("metrics", {}) for r in rounds)]
     per_round = [
-        [str(r["round"])] + [_fmt(r.get("metrics", {}).get(k, "")) for k in metric_keys]
-        + [_fmt(max(map(float, r["epsilon"].values()))) if r.get("epsilon") else "-",
+        [str(r["round"])] + [fmt(r.get("metrics", {}).get(k, "")) for k in metric_keys]
+        + [fmt(max(map(float, r["epsilon"].values()))) if r.get("epsilon") else "-",
            str(len(r["clients"])), str(len(r["failures"])),
            f"{r['bytes']['up'] / 1e6:.2f}", f"{r['bytes']['down'] / 1e6:.2f}"]
         for r in rounds
@@ -91,7 +92,7 @@ def _sections(summary: dict[str, Any]) -> list[tuple[str, list[str], list[list[s
     privacy = summary["privacy"]
     clients = sorted({c for r in rounds for c in r["clients"]} | {c for r in rounds for c in r["failures"]})
     participation = [
-        [c, str(sum(c in r["clients"] for r in rounds)), _fmt(privacy["epsilon"].get(c, "-")),
+        [c, str(sum(c in r["clients"] for r in rounds)), fmt(privacy["epsilon"].get(c, "-")),
          "; ".join(f"round {r['round']}: {r['failures'][c]}" for r in rounds if c in r["failures"]) or "-"]
         for c in clients
     ]
@@ -105,15 +106,15 @@ def _sections(summary: dict[str, Any]) -> list[tuple[str, list[str], list[list[s
         tables.append((
             "Privacy audit",
             ["epsilon lower bound", "claimed epsilon", "canaries", "guesses", "correct", "confidence"],
-            [[_fmt(audit["epsilon_lower"]), _fmt(audit["claimed_epsilon"] if audit["claimed_epsilon"]
+            [[fmt(audit["epsilon_lower"]), fmt(audit["claimed_epsilon"] if audit["claimed_epsilon"]
                                                   is not None else "privacy off"),
               str(audit["canaries"]), str(audit["guesses"]), str(audit["correct"]),
-              _fmt(audit["confidence"])]],
+              fmt(audit["confidence"])]],
         ))
     return tables
 
 
-def _headline(summary: dict[str, Any]) -> list[str]:
+def headline(summary: dict[str, Any]) -> list[str]:
     privacy = summary["privacy"]
     eps = [float(e) for e in privacy["epsilon"].values()]
     lines = [
@@ -124,10 +125,10 @@ def _headline(summary: dict[str, Any]) -> list[str]:
     ]
     final = {k: v for k, v in summary["final"].items() if k != "majority_baseline"}
     if final:
-        lines.append("Final: " + ", ".join(f"{k} {_fmt(v)}" for k, v in final.items()))
+        lines.append("Final: " + ", ".join(f"{k} {fmt(v)}" for k, v in final.items()))
     if "majority_baseline" in summary["final"]:
         base = summary["final"]["majority_baseline"]
-        lines.append("Majority-class baseline: " + ", ".join(f"{k} {_fmt(v)}" for k, v in base.items()))
+        lines.append("Majority-class baseline: " + ", ".join(f"{k} {fmt(v)}" for k, v in base.items()))
     return lines
 
 
@@ -142,8 +143,8 @@ def write_report(summary: dict[str, Any], out_dir: Path) -> tuple[Path, Path]:
         path = out_dir / f"report-{name}"
         plot(summary["rounds"], path)
         images.append(path)
-    tables = _sections(summary)
-    md = ["# fed-dp-lora run report", "", *[f"- {line}" for line in _headline(summary)], ""]
+    tables = summary_tables(summary)
+    md = ["# fed-dp-lora run report", "", *[f"- {line}" for line in headline(summary)], ""]
     for title, header, rows in tables:
         md += [f"## {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         md += ["| " + " | ".join(row) + " |" for row in rows] + [""]
@@ -152,11 +153,11 @@ def write_report(summary: dict[str, Any], out_dir: Path) -> tuple[Path, Path]:
     md_path.write_text("\n".join(md))
 
     body = ["<h1>fed-dp-lora run report</h1>", "<ul>"]
-    body += [f"<li>{html.escape(line)}</li>" for line in _headline(summary)] + ["</ul>"]
+    body += [f"<li>{html.escape(line)}</li>" for line in headline(summary)] + ["</ul>"]
     for title, header, rows in tables:
         body.append(f"<h2>{html.escape(title)}</h2><table><tr>"
                     + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr>")
-        body += ["<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in rows]
+        body += ["<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows]
         body.append("</table>")
     body.append("<h2>Plots</h2>")
     for p in images:
