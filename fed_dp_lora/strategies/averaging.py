@@ -17,16 +17,9 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from fed_dp_lora.report import RunReport
+from fed_dp_lora.strategies.names import NodeNames
 from fed_dp_lora.wire import (INT8_UPDATE, REFUSED_BUDGET, UPLOAD_KEY, decode_int8_update, payload_bytes,
                               update_problem)
-
-
-def client_name(reply: Message, node_id: int | None = None) -> str:
-    """client-<partition-id> in simulation, node-<id> in deployment (`node_id` if known)."""
-    metrics = reply.content.metric_records.get("metrics") if reply.has_content() else None
-    if metrics is not None and "partition-id" in metrics:
-        return f"client-{int(metrics['partition-id'])}"
-    return f"node-{reply.metadata.src_node_id if node_id is None else node_id}"
 
 
 def _last_line(reason: str | None) -> str:
@@ -62,6 +55,7 @@ class CheckedAggregation:
         self._sent: tuple[ArrayRecord, int] | None = None
         self._outgoing: list[Message] = []  # this round's messages, ids set once pushed
         self.stop_reason: str | None = None  # set when no further round can succeed
+        self.names = NodeNames()
 
     def state_dict(self) -> dict:
         """What a resumed run needs to continue this strategy exactly (see checkpoint.py)."""
@@ -73,6 +67,8 @@ class CheckedAggregation:
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
+        self.names.refresh(grid)
+        self.report.run["nodes"] = self.names.table()
         messages = list(super().configure_train(server_round, arrays, config, grid))
         self._sent = (arrays, len(messages))
         self._outgoing = messages
@@ -100,7 +96,7 @@ class CheckedAggregation:
         bytes_up = 0
         out_of_budget = 0
         for reply in replies:
-            name = client_name(reply, self.node_of(reply))
+            name = self.names.of_reply(reply, self.node_of(reply))
             if reply.has_error():
                 out_of_budget += int(reply.error.code == REFUSED_BUDGET)
                 reason = _last_line(reply.error.reason)
