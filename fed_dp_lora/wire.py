@@ -13,6 +13,9 @@ from fed_dp_lora.privacy.user_level import clip_update
 # Error codes in a client's reply, so the server can tell a refusal from a crash: out of
 # privacy budget, bad configuration or data, and a stored ledger that cannot be trusted.
 REFUSED_BUDGET, REFUSED_CONFIG, REFUSED_LEDGER = 100, 101, 102
+# Sent by the institution's launcher (fed_dp_lora/deploy), not the ClientApp: the app bundle is
+# not the code the institution installed nor one it pinned, so none of it ran.
+REFUSED_APP = 103
 
 
 def payload_bytes(arrays: ArrayRecord) -> int:

@@ -3,7 +3,8 @@
 #
 # Usage: scripts/deploy/supernode.sh --superlink HOST:PORT --ca CA.crt --key KEY \
 #          --data FILE --state-dir DIR [--port P] [--epsilon E] [--batch-size B]
-#          [--device auto|cpu|cuda] [--keygen-only] [--insecure]
+#          [--device auto|cpu|cuda] [--pin-app-hash SHA256]... [--cold-start]
+#          [--keygen-only] [--insecure]
 # Env (args win): SUPERLINK, CA_CERT, KEY, DATA_PATH, STATE_DIR, PORT, EPSILON, BATCH_SIZE,
 #   DEVICE, FLWR_HOME (default ~/.flwr: where the SuperNode unpacks the app it is sent).
 #   --superlink   the SuperLink's address (superlink.sh's port)
@@ -16,9 +17,18 @@
 #   --port        local port of this SuperNode's runtime API, on 127.0.0.1 (default 9094;
 #                 every SuperNode on one machine needs its own)
 #   --epsilon/--batch-size/--device  optional per-institution settings for the ClientApp
+#   --pin-app-hash  also run the app bundle with this SHA-256 (repeatable; env PIN_APP_HASH,
+#                 space-separated). By default only a bundle byte-identical to the fed_dp_lora
+#                 and conf/ installed here runs; any other is answered with error 103 and the
+#                 differences go to STATE_DIR/app-check.jsonl (see fed_dp_lora/deploy/app_check.py)
+#   --cold-start  Flower's own executor: every message a new Python process that imports
+#                 everything again, and NO app check. Only to measure the difference.
 #   --keygen-only make the key if missing, print KEY.pub and exit
 #   --insecure    plain HTTP and no key: ONLY for a local test SuperLink started with --insecure
 # Runs the app with the venv already installed here; never installs dependencies at run time.
+# The ClientApp runs under our launcher (fed-dp-lora-launcher, started here beside
+# `flower-supernode --isolation process`): it imports the heavy modules once and forks a fresh,
+# warm process per message, after checking the app bundle. It exits with the SuperNode.
 # Exit code 1 from flower-supernode ("Exit Code: 305 ... Failed to activate SuperNode") means the
 # SuperLink refused it: key not registered, wrong CA, or - after a crash - the SuperLink still
 # sees this node online (wait ~30-60 s for its heartbeat to expire; a SIGTERM stop is instant).
@@ -27,6 +37,8 @@ set -euo pipefail
 superlink="${SUPERLINK:-}"; ca="${CA_CERT:-}"; key="${KEY:-}"; data="${DATA_PATH:-}"
 state="${STATE_DIR:-}"; port="${PORT:-9094}"; epsilon="${EPSILON:-}"; batch="${BATCH_SIZE:-}"
 device="${DEVICE:-}"; insecure=0; keygen_only=0
+# --- warm launcher and app check: settings ---
+read -r -a pins <<<"${PIN_APP_HASH:-}"; cold=0
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --superlink) superlink="$2"; shift 2 ;;
@@ -38,6 +50,8 @@ while [[ $# -gt 0 ]]; do
     --epsilon) epsilon="$2"; shift 2 ;;
     --batch-size) batch="$2"; shift 2 ;;
     --device) device="$2"; shift 2 ;;
+    --pin-app-hash) pins+=("$2"); shift 2 ;;  # warm launcher and app check
+    --cold-start) cold=1; shift ;;             # warm launcher and app check
     --keygen-only) keygen_only=1; shift ;;
     --insecure) insecure=1; shift ;;
     -h|--help) awk 'NR>1 && !/^#/ {exit} NR>1 {sub(/^# ?/, ""); print}' "$0"; exit 0 ;;
@@ -88,5 +102,25 @@ if [[ $insecure == 1 ]]; then
 else
   args+=(--root-certificates "$(abspath "$ca")" --auth-supernode-private-key "$(abspath "$key")")
 fi
+
+# --- warm launcher and app check: start ---
+# The launcher takes the SuperNode's ClientApp tasks on its loopback Runtime API; a secret in the
+# state dir (0600) makes sure no other local process can take them. `--parent-pid $$`: after the
+# exec below, $$ is the SuperNode, so the launcher ends with it.
+if [[ $cold == 0 ]]; then
+  launcher=("$bin/python" -m fed_dp_lora.deploy.launcher --audit-log "$(cd "$state" && pwd)/app-check.jsonl")
+  for pin in "${pins[@]}"; do launcher+=(--pin-app-hash "$pin"); done
+  app_hash="$("${launcher[@]}" --check)" || die "the launcher refused its settings (see above)"
+  secret="$(cd "$state" && pwd)/superexec-auth.secret"
+  [[ -s "$secret" ]] || (umask 077 && head -c 32 /dev/urandom >"$secret")
+  "${launcher[@]}" --runtime-api-address "127.0.0.1:$port" --insecure \
+    --superexec-auth-secret-file "$secret" --parent-pid $$ &
+  args+=(--isolation process --superexec-auth-secret-file "$secret")
+  echo "Launcher pid $!: runs app bundles identical to the code installed here (sha256 $app_hash)${pins[*]:+ or pinned: ${pins[*]}}" >&2
+else
+  [[ ${#pins[@]} == 0 ]] || die "--pin-app-hash needs the launcher; drop --cold-start"
+  echo "WARNING: --cold-start: Flower's own executor, NO app check. For measurements only." >&2
+fi
+
 echo "SuperNode -> $superlink, runtime port $port, node-config: $node_config (pid $$)" >&2
 exec "$bin/flower-supernode" "${args[@]}"

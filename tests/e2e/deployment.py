@@ -264,12 +264,14 @@ def start_supernode(
     batch_size: int | None = None,
     device: str | None = None,
     insecure: bool = False,
+    extra: tuple[str, ...] = (),
     timeout: float = 60.0,
 ) -> SuperNode:
     """scripts/deploy/supernode.sh against 127.0.0.1:superlink_port; waits for its node id.
 
     `flwr_home` is this SuperNode's own (apps it is sent, log `supernode.log`); `key` its
-    registered private key (see :func:`make_key`, :func:`register`). Raises RuntimeError with
+    registered private key (see :func:`make_key`, :func:`register`); `extra` more supernode.sh
+    flags (e.g. --pin-app-hash H, --cold-start). Raises RuntimeError with
     the log if the SuperNode exits (e.g. refused by the SuperLink) before it is connected.
     """
     flwr_home = Path(flwr_home)
@@ -288,6 +290,7 @@ def start_supernode(
     for flag, value in (("--epsilon", epsilon), ("--batch-size", batch_size), ("--device", device)):
         if value is not None:
             command += [flag, str(value)]
+    command += list(extra)
     log_path = flwr_home / "supernode.log"
     process = _spawn(command, _env(flwr_home), flwr_home, log_path)
     node = SuperNode(process, flwr_home, port, port, log_path, _env(flwr_home))
