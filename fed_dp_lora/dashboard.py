@@ -45,7 +45,15 @@ def status(summary: dict[str, Any]) -> str:
         return f"Stopped after round {done} of {total}: {stopped}"
     if done >= total and summary["final"]:
         return f"Finished: {done} of {total} rounds"
+    if done == 0:
+        return f"Started: no round of {total} finished yet"
     return f"Running: round {done} of {total} done"
+
+
+def _headline(summary: dict[str, Any], finished: bool) -> list[str]:
+    """The report's headline; before the end its "Final" metrics are the latest round's."""
+    lines = headline(summary)
+    return lines if finished else [line.replace("Final: ", "Latest round: ", 1) for line in lines]
 
 
 def epsilon_bars(summary: dict[str, Any]) -> str:
@@ -90,8 +98,10 @@ def render(summary: dict[str, Any] | None, out_dir: Path, refresh: int) -> str:
         body = f"<h1>{title}</h1><p id='status'>Waiting for the first round (no summary.json in " \
                f"{html.escape(str(out_dir))} yet)</p>"
     else:
-        parts = [f"<h1>{title}</h1>", f"<p id='status'>{html.escape(status(summary))}</p>",
-                 "<ul>" + "".join(f"<li>{html.escape(line)}</li>" for line in headline(summary)) + "</ul>",
+        state = status(summary)
+        lines = _headline(summary, state.startswith("Finished"))
+        parts = [f"<h1>{title}</h1>", f"<p id='status'>{html.escape(state)}</p>",
+                 "<ul>" + "".join(f"<li>{html.escape(line)}</li>" for line in lines) + "</ul>",
                  "<h2>Epsilon per institution (against the run's budget)</h2>", epsilon_bars(summary)]
         for name, header, rows in summary_tables(summary):
             extra = _baseline_row(summary, header) if name == "Rounds" else ""

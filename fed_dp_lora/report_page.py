@@ -119,8 +119,10 @@ def headline(summary: dict[str, Any]) -> list[str]:
     eps = [float(e) for e in privacy["epsilon"].values()]
     lines = [
         f"Rounds: {len(summary['rounds'])}",
-        "Privacy: " + (f"on, record-level, budget {privacy['budget']}, max client epsilon {max(eps):.4g} "
-                       f"({privacy['accountant']})" if privacy["enabled"] and eps else "off"),
+        "Privacy: " + ("off" if not privacy["enabled"] else
+                       f"on, record-level, budget {privacy['budget']}, "
+                       + (f"max client epsilon {max(eps):.4g}" if eps else "no client epsilon reported yet")
+                       + f" ({privacy['accountant']})"),
         f"Unit: {privacy['unit']}",
     ]
     final = {k: v for k, v in summary["final"].items() if k != "majority_baseline"}

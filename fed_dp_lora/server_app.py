@@ -70,6 +70,7 @@ def main(grid: Grid, context: Context) -> None:
         log(INFO, "fed-dp-lora: resuming study %s after round %d of %d", report.run["study"],
             resumed.completed_round, rounds)
     final = dict(start_arrays)
+    report.write()  # from the start, so the live dashboard shows the run before its first round ends
 
     def evaluate_state(server_round: int, state: dict[str, torch.Tensor]) -> dict[str, float] | None:
         # Round 0 (the initial adapter) is evaluated only when every round is.

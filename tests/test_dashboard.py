@@ -49,7 +49,12 @@ def report(tmp_path) -> RunReport:
 def test_the_page_escapes_names_and_says_when_nothing_ran_yet(report, tmp_path):
     page = render(json.loads((report.out_dir / "summary.json").read_text()), report.out_dir, 5)
     assert "<b>" not in page and "bank &lt;b&gt;" in page
+    assert "Latest round: balanced_accuracy 0.57" in page and "Final:" not in page  # the run goes on
     assert "Waiting for the first round" in render(None, tmp_path, 5)
+    started = RunReport(tmp_path / "started", CONFIG)
+    started.write()  # what the ServerApp writes before its first round
+    page = render(json.loads((started.out_dir / "summary.json").read_text()), started.out_dir, 5)
+    assert "Started: no round of 3 finished yet" in page and "no client epsilon reported yet" in page
 
 
 @pytest.fixture

@@ -108,7 +108,11 @@ fi
 # state dir (0600) makes sure no other local process can take them. `--parent-pid $$`: after the
 # exec below, $$ is the SuperNode, so the launcher ends with it.
 if [[ $cold == 0 ]]; then
-  launcher=("$bin/python" -m fed_dp_lora.deploy.launcher --audit-log "$(cd "$state" && pwd)/app-check.jsonl")
+  # The console script once installed (pip install -e .); else the module, with -P so that the
+  # current directory is not on sys.path (nothing there may shadow the code it checks).
+  launcher=("$bin/python" -P -m fed_dp_lora.deploy.launcher)
+  [[ -x "$bin/fed-dp-lora-launcher" ]] && launcher=("$bin/fed-dp-lora-launcher")
+  launcher+=(--audit-log "$(cd "$state" && pwd)/app-check.jsonl")
   for pin in "${pins[@]}"; do launcher+=(--pin-app-hash "$pin"); done
   app_hash="$("${launcher[@]}" --check)" || die "the launcher refused its settings (see above)"
   secret="$(cd "$state" && pwd)/superexec-auth.secret"
