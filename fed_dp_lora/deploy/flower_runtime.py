@@ -12,6 +12,10 @@ every round, and it offers no hook to check the app bundle before the bundle's c
 2. The executor forks the warm launcher once per task; the child runs Flower's own
    `run_clientapp` (pull the task, run the app, push the reply and the context, heartbeats), with
    the two names it uses to unpack and to import the app replaced by our checked versions.
+3. The SuperNode hands out a task before it has downloaded the message from the SuperLink. A
+   cold process found it there after its imports; a warm child asks at once, and Flower's
+   backoff (1, 2, 4, 8, 10 s between tries) then idles for seconds after the message arrived.
+   The child polls the SuperNode (loopback) every 0.05-0.5 s instead, for as long in total.
 
 Children run side by side, as Flower's own processes do: a task whose message never fully arrived
 (a run stopped mid-transfer) waits in Flower's object pull and must not hold up the next run. The
@@ -29,6 +33,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable
+from functools import partial
 from logging import ERROR, INFO, WARNING
 from pathlib import Path
 from typing import NoReturn
@@ -50,6 +55,7 @@ from fed_dp_lora.wire import REFUSED_APP
 # The one text the server sees for a refused bundle; the differences stay in the local log.
 APP_REFUSED = "app bundle refused: not the code this institution installed, nor a hash it pinned"
 PACKAGE = "fed_dp_lora"
+QUICK_PULL = {"initial_backoff": 0.05, "backoff_cap": 0.5, "max_tries_per_object": 15_000}  # see 3. above
 
 
 class RefusingApp(ClientApp):
@@ -124,6 +130,8 @@ def run_task(spec: ExecutionSpec, policy: AppPolicy, audit_log: Path | None) -> 
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, signal.SIG_DFL)
         route_app_loading(policy, audit_log)
+        flower_clientapp.pull_and_inflate_object_from_tree = partial(
+            flower_clientapp.pull_and_inflate_object_from_tree, **QUICK_PULL)
         flower_clientapp.run_clientapp(
             runtime_api_address=spec.runtime_api_address,
             token=spec.token,

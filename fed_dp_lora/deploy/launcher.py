@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import importlib
+import os
 import pkgutil
 import sys
 import time
@@ -89,6 +90,10 @@ def main(argv: list[str] | None = None) -> int:
         "(bundle sha256 %s)%s", seconds, root, hashlib.sha256(reference).hexdigest(),
         f" or pinned {sorted(policy.pinned)}" if policy.pinned else "")
     from fed_dp_lora.deploy.flower_runtime import ForkExecutor, serve
+
+    # Flower's SuperExec asks for new tasks every 1 s; on loopback 0.2 s costs nothing and a
+    # warm task starts that much sooner.
+    os.environ.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.2")
 
     serve(ForkExecutor(policy, args.audit_log), args.runtime_api_address, insecure=args.insecure,
           root_certificates_path=args.root_certificates, superexec_auth_secret=secret,
