@@ -122,6 +122,21 @@ def route_app_loading(policy: AppPolicy, audit_log: Path | None) -> None:
     flower_clientapp.get_load_client_app_fn = get_load_client_app_fn
 
 
+def fresh_process_rng() -> None:
+    """Seed the global random generators from the OS, as a new process would have them.
+
+    A forked child inherits the launcher's generator states, so every task would draw the same
+    numbers. Python's `random` reseeds itself at fork; torch's and numpy's global generators do
+    not. DP noise and sampling use their own keyed generators (privacy/streams.py), but no code
+    path should ever see a stream that repeats across rounds.
+    """
+    import numpy as np
+    import torch
+
+    torch.seed()
+    np.random.seed()
+
+
 def run_task(spec: ExecutionSpec, policy: AppPolicy, audit_log: Path | None) -> NoReturn:
     """The forked child: Flower's run_clientapp for one task, then exit without the parent's cleanup."""
     code = 1
@@ -129,6 +144,7 @@ def run_task(spec: ExecutionSpec, policy: AppPolicy, audit_log: Path | None) -> 
         flower_exit_handlers.registered_exit_handlers.clear()  # the launcher's, not this task's
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, signal.SIG_DFL)
+        fresh_process_rng()
         route_app_loading(policy, audit_log)
         flower_clientapp.pull_and_inflate_object_from_tree = partial(
             flower_clientapp.pull_and_inflate_object_from_tree, **QUICK_PULL)
