@@ -8,9 +8,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+from fed_dp_lora.files import write_atomic
 from fed_dp_lora.privacy.accountant import ACCOUNTANT_NAMES
 
 PRIVACY_UNIT = "record: one row (one sequence) of one client's data; epsilon is per client"
+RELATION = ("add/remove one record of one institution (its record count is private: sampling rate, steps, "
+            "delta and aggregation weights come from the count it declares publicly, node-config `records`)")
+REPLY = "only the keys of fed_dp_lora/reply.py: the adapter, public or accounted metrics, fixed error texts"
 USER_PRIVACY_UNIT = (
     "client: one institution's whole contribution (all its records, every round); neighbouring "
     "runs differ by one client's update being replaced by none"
@@ -130,6 +134,8 @@ class RunReport:
             "privacy": {
                 "enabled": bool(privacy["enabled"]),
                 "unit": PRIVACY_UNIT,
+                "relation": RELATION,
+                "client_replies": REPLY,
                 "accountant": ACCOUNTANT_NAMES[privacy["accountant"]],
                 "budget": privacy["epsilon"],
                 "delta": per_client("delta"),
@@ -150,8 +156,4 @@ class RunReport:
         }
 
     def write(self) -> Path:
-        path = self.out_dir / "summary.json"
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(self.summary(), indent=2))
-        tmp.replace(path)
-        return path
+        return write_atomic(self.out_dir / "summary.json", json.dumps(self.summary(), indent=2).encode())
