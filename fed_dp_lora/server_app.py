@@ -95,18 +95,28 @@ def main(grid: Grid, context: Context) -> None:
     else:
         assert strategy is not None
 
-        def after_round(server_round: int, arrays: ArrayRecord) -> None:
-            evaluate_state(server_round, arrays.to_torch_state_dict())
+        def save_checkpoint(server_round: int, adapter: dict[str, torch.Tensor]) -> None:
             report.run["stopped"] = strategy.stop_reason
             checkpoint.save(out, checkpoint.Checkpoint(
                 study=report.run["study"], completed_round=server_round, config=report.config,
-                adapter=dict(final), strategy=strategy.state_dict(), report=report.state_dict(),
+                adapter=dict(adapter), strategy=strategy.state_dict(), report=report.state_dict(),
                 python_rng=random.getstate(),
             ))
+
+        def after_round(server_round: int, arrays: ArrayRecord) -> None:
+            state = arrays.to_torch_state_dict()
+            # The strategy's state (DP-FedAvg's noise RNG and ledger) is on disk before any
+            # artefact of the round: a crash in between never replays a noise draw on a resume.
+            save_checkpoint(server_round, state)
+            evaluate_state(server_round, state)
+            save_checkpoint(server_round, state)  # again, now with the round's metrics
 
         first = 1 if resumed is None else resumed.completed_round + 1
         if resumed is None:
             evaluate_state(0, initial)
+        elif not (out / "adapters" / f"round-{resumed.completed_round}").is_dir():
+            # The stop came between the checkpoint and the round's outputs: write them now.
+            evaluate_state(resumed.completed_round, dict(resumed.adapter))
         if resumed is not None and resumed.report["run"]["stopped"]:
             log(INFO, "fed-dp-lora: the run had stopped early (%s); nothing to resume", resumed.report["run"]["stopped"])
         else:

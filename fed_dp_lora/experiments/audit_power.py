@@ -13,7 +13,7 @@ from omegaconf import DictConfig
 
 from fed_dp_lora.canary_audit import CanaryAudit
 from fed_dp_lora.central import CentralEvaluator
-from fed_dp_lora.local_round import train_round
+from fed_dp_lora.client_round import RoundRequest, train_round
 
 # 222 training records (test_fraction 0.95) + ~100 included canaries, two rounds of four local
 # epochs: a non-private model memorizes canaries with random labels.
@@ -29,6 +29,6 @@ def audited_run(cfg: DictConfig) -> dict[str, Any]:
     audit = CanaryAudit(cfg, central, initial)
     state, ledger, metrics = initial, None, {}
     for _ in range(int(cfg.rounds)):
-        result = train_round(cfg, {"partition-id": 0, "num-partitions": 1}, state, ledger)
+        result = train_round(cfg, {"partition-id": 0, "num-partitions": 1}, RoundRequest(state), ledger)
         state, ledger, metrics = result.state, result.ledger, result.metrics
     return audit.result(state, metrics.get("epsilon"), metrics.get("delta", 0.0))
