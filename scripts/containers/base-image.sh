@@ -5,19 +5,21 @@
 # unchanged on flwr/superlink or flwr/supernode where a registry is reachable.
 #
 # Usage: scripts/containers/base-image.sh        (prints the image name on its last line)
-# Env: DEBIAN_MIRROR (default http://deb.debian.org/debian), PODMAN (default podman).
-# The tag is a content key: the hash of this script, so a second call on the same machine
-# returns at once, and any change here makes a new base. Needs root (debootstrap, chroot).
+# Env: DEBIAN_MIRROR (default http://deb.debian.org/debian), PODMAN (default podman),
+#   IMAGE (default: the content-key name below) and FORCE=1 (build even if it exists), for
+#   scripts/containers/bench_images.sh, which times a fresh base under a throwaway name.
+# The tag is a content key: the hash of this script's code (comments aside), so a second call
+# on the same machine returns at once, and any change to the recipe makes a new base. Needs root (debootstrap, chroot).
 set -euo pipefail
 
 podman="${PODMAN:-podman}"
 mirror="${DEBIAN_MIRROR:-http://deb.debian.org/debian}"
 suite=bookworm
 packages=python3,python3-venv,ca-certificates,openssh-client
-key="$(sha256sum "${BASH_SOURCE[0]}" | cut -c1-12)"
-image="localhost/fed-dp-lora-base:$suite-$key"
+key="$(grep -v '^[[:space:]]*#' "${BASH_SOURCE[0]}" | sha256sum | cut -c1-12)"  # comments aside
+image="${IMAGE:-localhost/fed-dp-lora-base:$suite-$key}"
 
-if "$podman" image exists "$image"; then echo "$image"; exit 0; fi
+if [[ "${FORCE:-0}" != 1 ]] && "$podman" image exists "$image"; then echo "$image"; exit 0; fi
 command -v debootstrap >/dev/null || { echo "error: debootstrap not installed (scripts/containers/setup-podman.sh)" >&2; exit 1; }
 
 rootfs="$(mktemp -d "${TMPDIR:-/tmp}/fdl-rootfs.XXXXXX")"
@@ -38,4 +40,9 @@ tar -C "$rootfs" -c . | "$podman" import \
   --change 'WORKDIR /app' --change 'USER app' --change 'CMD ["/bin/bash"]' \
   --message "debootstrap $suite minbase + $packages, venv /python/venv, user app 49999" \
   - "$image" >&2
+if [[ -z "${IMAGE:-}" ]]; then  # bases made by earlier versions of this script: untag (layers in use stay)
+  for old in $("$podman" images --format '{{.Repository}}:{{.Tag}}' localhost/fed-dp-lora-base); do
+    [[ "$old" == "localhost/fed-dp-lora-base:$suite-"* && "$old" != "$image" ]] && "$podman" untag "$old" "$old" >&2 || true
+  done
+fi
 echo "$image"
