@@ -26,7 +26,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from fed_dp_lora.privacy.accountant import PrivacyLedger
+from fed_dp_lora.privacy.institution_ledger import InstitutionLedger
 from tests.e2e.containers import (
     REPO,
     ComposeFederation,
@@ -111,7 +111,7 @@ def federation(tmp_path_factory):
         ledgers = {}
         for i in INSTITUTIONS:
             target = tmp / f"ledger-{i}.json"
-            podman("cp", f"{fed.container(i)}:/app/state/ledger-{summary['run']['study']}.json", str(target))
+            podman("cp", f"{fed.container(i)}:/app/state/ledger.json", str(target))
             ledgers[i] = json.loads(target.read_text())
         state_modes = {i: podman("exec", fed.container(i), "stat", "-c", "%a", "/app/state").stdout.strip()
                        for i in INSTITUTIONS}
@@ -134,7 +134,7 @@ def test_the_federation_finished_its_round_with_every_institution(federation):
     s = federation.summary
     assert [r["round"] for r in s["rounds"]] == [1], federation.run_log[-3000:]
     (entry,) = s["rounds"]
-    expected = {f"node-{federation.node_ids[i]}" for i in INSTITUTIONS}
+    expected = set(INSTITUTIONS)  # the names the institutions declared (compose.yaml's --name)
     assert set(entry["clients"]) == expected and entry["failures"] == {}, entry
     assert "balanced_accuracy" in s["final"] and s["run"]["stopped"] is None
     assert (federation.files / "runs" / NAME / "adapters" / "round-1" / "adapter_model.safetensors").is_file()
@@ -149,8 +149,9 @@ def test_each_institution_joined_with_its_registered_key(federation):
 def test_each_institution_keeps_its_ledger_in_its_own_volume(federation):
     s = federation.summary
     for i in INSTITUTIONS:
-        name = f"node-{federation.node_ids[i]}"
-        ledger = PrivacyLedger.from_dict(federation.ledgers[i]["ledger"])
+        name = i
+        lifetime = InstitutionLedger.from_dict(federation.ledgers[i]["ledger"])
+        ledger = lifetime.study(s["run"]["study"])
         assert ledger.rounds == [1]
         assert s["privacy"]["epsilon"][name] == pytest.approx(ledger.epsilon(), rel=1e-9), name
         assert ledger.epsilon() <= BUDGETS[i] * (1 + 1e-9)
