@@ -25,6 +25,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from fed_dp_lora.attacks import attack, is_malicious
+from fed_dp_lora.audit.release import release_canaries
 from fed_dp_lora.config import ConfigError, NodeSettings, apply_node_config, resolve_delta
 from fed_dp_lora.data import client_partition, holdout_split, label_names, load_table
 from fed_dp_lora.data.canaries import canary_words, client_canaries
@@ -203,6 +204,7 @@ def _train_round(
         metrics["partition-id"] = node.partition[0]
     secret = _client_secret(cfg, node, store) if server_round else None
     sampling, noise = round_generators(secret, server_round, device) if secret else (None, None)
+    canaries = release_canaries(cfg, node.partition, model, rate, sampling)  # None unless audited
     if secret:
         torch.manual_seed(model_seed(secret, server_round))  # dropout
     ledger = None
@@ -238,11 +240,11 @@ def _train_round(
         budget = None if cfg.privacy.epsilon is None else float(cfg.privacy.epsilon)
         ledger.check_budget((sigma, rate, steps), budget)
         engine: GradientEngine = PrivateGradientEngine(
-            model, rate * n, float(cfg.privacy.clip_norm), sigma, generator=noise
+            model, rate * n, float(cfg.privacy.clip_norm), sigma, generator=noise, extra=canaries
         )
         metrics.update({"noise-multiplier": sigma, "delta": delta})
     else:
-        engine = GradientEngine(model, rate * n)
+        engine = GradientEngine(model, rate * n, extra=canaries)
     loaded = time.perf_counter()
     try:
         stats = train_local(engine, data, cfg, rate, steps, _class_weights(cfg, device), generator=sampling)
