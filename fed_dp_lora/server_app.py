@@ -128,10 +128,7 @@ def main(grid: Grid, context: Context) -> None:
             report.audit["epsilon_lower"], 100 * report.audit["confidence"], report.audit["claimed_epsilon"])
     if release_audit is not None:
         report.release_audit = release_audit.result()
-        r = report.release_audit
-        log(INFO if r["rounds"] else WARNING, "Release audit of %s: epsilon lower bound %.3f from %d of %d guesses "
-            "right over %d release(s) (claimed: %s)", r["client"], r["epsilon_lower"], r["correct"], r["guesses"],
-            len(r["rounds"]), r["claimed_epsilon"])
+        log(INFO if release_audit.rounds else WARNING, release_audit.progress_line())
     tracker.close()
     log(INFO, "fed-dp-lora: summary written to %s", report.write())
     log(INFO, "fed-dp-lora: report written to %s", write_report(report.summary(), out)[1])

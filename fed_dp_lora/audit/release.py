@@ -24,8 +24,8 @@ from flwr.app import ArrayRecord, MetricRecord
 from omegaconf import DictConfig
 from torch import nn
 
-from fed_dp_lora.config import ConfigError
 from fed_dp_lora.audit.dirac import DiracCanaries, StepCanaries, canary_generator
+from fed_dp_lora.config import ConfigError
 from fed_dp_lora.privacy.audit import epsilon_lower_bound, guesses
 
 METHOD = ("Steinke, Nasr, Jagielski 2023, one training run, white-box: Dirac gradient canaries "
@@ -101,6 +101,16 @@ class ReleaseAudit:
             "score": SCORE,
             "method": METHOD,
         }
+
+    def progress_line(self) -> str:
+        """One line for the server's log; says so when the audited client never sent anything."""
+        if not self.rounds:
+            return (f"Release audit: client-{self.client} sent no accepted update, nothing was audited. Fix: "
+                    "set audit.release.client to the partition id of a client that trains")
+        last = self.rounds[-1]
+        return (f"Release audit of client-{self.client}: epsilon lower bound {last['epsilon_lower']:.3f} at "
+                f"{self.confidence:.0%} confidence, {last['correct']} of {last['guesses']} guesses right over "
+                f"{len(self.rounds)} release(s) (claimed: {last['claimed_epsilon']})")
 
     def state_dict(self) -> dict[str, Any]:
         """What a resumed run needs to go on scoring (see checkpoint.py)."""

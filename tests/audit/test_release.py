@@ -49,6 +49,13 @@ def test_a_release_that_moves_every_included_canary_is_caught_at_the_ceiling(aud
     assert result["claimed_epsilon"] == 2.0 and result["delta"] == 1e-5
     assert result["included"] == int(auditor.canaries.included.sum())
     assert [r["round"] for r in result["rounds"]] == [1]
+    assert "60 of 60 guesses right over 1 release(s) (claimed: 2.0)" in auditor.progress_line()
+
+
+def test_an_audited_client_that_never_replied_is_reported(auditor):
+    auditor.observe(1, _metrics(0), _release(auditor, 1.0), ArrayRecord(ADAPTER))
+    assert auditor.result()["rounds"] == [] and auditor.result()["epsilon_lower"] == 0.0
+    assert "client-1 sent no accepted update" in auditor.progress_line()
 
 
 def test_a_release_that_ignores_the_canaries_shows_nothing(auditor):
