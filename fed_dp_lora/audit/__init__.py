@@ -15,10 +15,10 @@ privacy estimation for federated learning") because:
   subsampling, the noise and the accountant that the client claims;
 - Steinke et al. give a lower bound at a stated confidence (privacy/audit.py, tested);
   Andrew et al. give an estimate from a fitted Gaussian, which cannot prove a bug;
-- a Dirac canary (norm C on one coordinate) is the strongest record the clip allows, its
-  coordinates are disjoint from the other canaries', and Adam's per-coordinate scaling acts
-  on it alone; a random direction spreads over every coordinate, so real gradients and the
-  other canaries add interference to every score.
+- a Dirac canary (norm exactly C on one coordinate) is the largest record the clip allows,
+  and no two canaries share a coordinate, so no score carries another canary's signal. Random
+  directions overlap by about C / sqrt(d) each: with hundreds of canaries in a LoRA adapter of
+  a few ten thousand coordinates, that adds up to a noticeable fraction of C in every score.
 
 What it does not test: clipping and the per-sample gradients (a canary's gradient is given,
 not computed); the input-canary audit and the engine's tests cover those.

@@ -12,6 +12,10 @@ That uses only what the server saw, never the coins. It guesses "in" for the `gu
 highest scores, "out" for the lowest, and bounds epsilon with privacy/audit.py against the
 client's claimed (epsilon, delta) from its reply (its ledger). Each round's bound holds at the
 confidence on its own; the last one, over every release, is the audit's result.
+
+Tried and left out: subtracting the other clients' mean update at each canary's coordinate
+(a post-processing too) barely helped: the real records' drift at a coordinate comes mostly
+from the client's own batches, not from what all clients share.
 """
 
 from __future__ import annotations

@@ -11,8 +11,9 @@ and ClientApps), client 0 audited with Dirac gradient canaries in its DP steps.
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from omegaconf import DictConfig
 
@@ -56,3 +57,28 @@ def release_audit_run(overrides: str, output_dir: Path) -> dict[str, Any]:
 
     summary = run_federation(f"{RELEASE_SETTINGS} {overrides}", RELEASE_CLIENTS, output_dir)
     return summary["privacy"]["audit"]["release"]
+
+
+@contextlib.contextmanager
+def planted_leak() -> Iterator[None]:
+    """A "DP" client that adds no noise while its ledger counts the calibrated sigma.
+
+    The bug the release audit must catch: in this block every DP step skips the noise (the
+    engine's noise multiplier is zero while it draws), everything else is unchanged.
+    """
+    from fed_dp_lora.privacy.engine import PrivateGradientEngine
+
+    honest = PrivateGradientEngine.finalize
+
+    def without_noise(self: PrivateGradientEngine, *args: Any, **kwargs: Any) -> bool:
+        sigma, self.noise_multiplier = self.noise_multiplier, 0.0
+        try:
+            return honest(self, *args, **kwargs)
+        finally:
+            self.noise_multiplier = sigma
+
+    PrivateGradientEngine.finalize = without_noise  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        PrivateGradientEngine.finalize = honest  # type: ignore[method-assign]

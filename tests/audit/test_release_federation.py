@@ -6,13 +6,11 @@ table. Noise is seeded, so every run here is one fixed draw of the audit.
 
 from __future__ import annotations
 
-import pytest
 import torch
 
-from fed_dp_lora.config import compose_config, validate
-from fed_dp_lora.experiments.audit_power import release_audit_run
+from fed_dp_lora.experiments.audit_power import planted_leak, release_audit_run
 from fed_dp_lora.experiments.inprocess import run_federation
-from fed_dp_lora.local_round import train_round
+from fed_dp_lora.local_round import cached_model, train_round
 from fed_dp_lora.models import trainable_state
 from fed_dp_lora.privacy.engine import PrivateGradientEngine
 from tests.test_checkpoint import RECORD_DP, stopped_run
@@ -36,22 +34,15 @@ def test_with_dp_the_bound_stays_below_the_claim_in_every_round(tmp_path):
         assert entry["epsilon_lower"] <= entry["claimed_epsilon"], entry
 
 
-def test_a_client_that_claims_epsilon_but_adds_no_noise_is_caught(tmp_path, monkeypatch):
+def test_a_client_that_claims_epsilon_but_adds_no_noise_is_caught(tmp_path):
     """A "DP" flag that does nothing: the ledger counts the calibrated sigma, the steps add none.
 
     With int8 uploads, so the auditor reads what the strategy decoded, as it must.
     """
-    honest = PrivateGradientEngine.finalize
-
-    def without_noise(self, batch_size: int) -> bool:
-        sigma, self.noise_multiplier = self.noise_multiplier, 0.0
-        try:
-            return honest(self, batch_size)
-        finally:
-            self.noise_multiplier = sigma
-
-    monkeypatch.setattr(PrivateGradientEngine, "finalize", without_noise)
-    result = release_audit_run("privacy.epsilon=2 upload.compression=int8", tmp_path)
+    finalize = PrivateGradientEngine.finalize
+    with planted_leak():
+        result = release_audit_run("privacy.epsilon=2 upload.compression=int8", tmp_path)
+    assert PrivateGradientEngine.finalize is finalize  # the bug is gone again
     assert 1.9 < result["claimed_epsilon"] <= 2.0
     assert result["epsilon_lower"] > result["claimed_epsilon"], result
 
@@ -61,24 +52,22 @@ def test_canaries_change_the_audited_clients_release_and_no_other(make_cfg):
     audited = make_cfg(*settings, "audit.release.enabled=true", "audit.release.client=0",
                        "audit.release.canaries=500", "audit.release.guesses=100")
     plain = make_cfg(*settings)
-    from fed_dp_lora.local_round import cached_model
-
     start = trainable_state(cached_model(plain))
 
     def release(cfg, partition: int) -> dict[str, torch.Tensor]:
         node = {"partition-id": partition, "num-partitions": 2}
         return train_round(cfg, node, start, None, server_round=1, study="same").state
 
-    for name, value in release(audited, 1).items():
-        assert torch.equal(value, release(plain, 1)[name]), name
-    changed = release(audited, 0)
-    assert any(not torch.equal(v, release(plain, 0)[k]) for k, v in changed.items())
+    other, other_unaudited = release(audited, 1), release(plain, 1)
+    assert all(torch.equal(value, other_unaudited[name]) for name, value in other.items())
+    audited_release, unaudited = release(audited, 0), release(plain, 0)
+    assert any(not torch.equal(value, unaudited[name]) for name, value in audited_release.items())
 
 
 def test_a_resumed_run_continues_the_audit_from_its_checkpoint(tmp_path):
     overrides = f"{RECORD_DP} audit.release.enabled=true audit.release.canaries=300 audit.release.guesses=60"
-    whole = run_federation(overrides, 3, tmp_path / "whole")["privacy"]["audit"]["release"]
-    stopped_run(overrides, 3, tmp_path / "stopped", stop_round=2, after_training=True)
-    resumed = run_federation(overrides, 3, tmp_path / "stopped", resume=True)["privacy"]["audit"]["release"]
+    whole = run_federation(overrides, 2, tmp_path / "whole")["privacy"]["audit"]["release"]
+    stopped_run(overrides, 2, tmp_path / "stopped", stop_round=2, after_training=True)
+    resumed = run_federation(overrides, 2, tmp_path / "stopped", resume=True)["privacy"]["audit"]["release"]
     assert [r["round"] for r in resumed["rounds"]] == [1, 2]
     assert resumed == whole
