@@ -33,6 +33,7 @@ class Checkpoint:
     strategy: dict[str, Any]
     report: dict[str, Any]
     python_rng: Any
+    audit: dict[str, Any] | None = None  # the release audit's scores so far (audit.release)
 
     def restore_rng(self) -> None:
         random.setstate(self.python_rng)

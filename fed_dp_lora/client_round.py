@@ -21,6 +21,7 @@ import torch
 from omegaconf import DictConfig
 
 from fed_dp_lora import local_log
+from fed_dp_lora.audit.release import release_canaries
 from fed_dp_lora.client_data import ClientData, client_data, cached_model
 from fed_dp_lora.models import load_trainable_state, trainable_state
 from fed_dp_lora.node_policy import NodePolicy, PolicyError, apply_node_config, resolve_delta, simulation_state_dir
@@ -176,11 +177,13 @@ def _engine(cfg: DictConfig, model: torch.nn.Module, data: ClientData, plan: Pla
         sampling, noise = round_generators(key, device)
         torch.manual_seed(model_seed(key))  # dropout
     rate, _ = data.plan(cfg)
+    # The release audit's canaries: records of the audited client only (its slot is its opt-in).
+    canaries = release_canaries(cfg, data.policy.partition, model, rate, sampling)
     if plan is None:
-        engine: GradientEngine = GradientEngine(model, rate * data.records)
+        engine: GradientEngine = GradientEngine(model, rate * data.records, extra=canaries)
     else:
         engine = PrivateGradientEngine(model, rate * data.records, float(cfg.privacy.clip_norm),
-                                       plan.terms.noise, generator=noise)
+                                       plan.terms.noise, generator=noise, extra=canaries)
     engine.sampling = sampling  # type: ignore[attr-defined]
     return engine
 

@@ -75,7 +75,8 @@ def _choice(cfg: DictConfig, key: str, allowed: tuple[str, ...]) -> None:
 _INTEGERS = {"seed": False, "rounds": False, "model.keep_layers": True, "lora.r": False,
              "lora.init_seed": False, "train.batch_size": False, "train.max_length": False,
              "train.micro_batch_size": True, "eval.interval": False,
-             "audit.canaries": False, "audit.seed": False}
+             "audit.canaries": False, "audit.seed": False, "audit.release.client": False,
+             "audit.release.canaries": False, "audit.release.guesses": False}
 _FLOATS = {"lora.alpha": False, "lora.dropout": False, "data.test_fraction": False,
            "data.dirichlet_alpha": False, "privacy.epsilon": True, "privacy.delta": True,
            "privacy.noise_multiplier": True, "privacy.clip_norm": False, "train.epochs": False,
@@ -261,6 +262,16 @@ def _validate_outputs(cfg: DictConfig) -> None:
         f"{a.confidence} is not in [0.5, 1)",
         "e.g. audit.confidence=0.95",
     )
+    r = a.release
+    _require(isinstance(r.enabled, bool), "audit.release.enabled", f"{r.enabled!r} is not a boolean",
+             "use true or false")
+    _require(int(r.client) >= 0, "audit.release.client", "must be a partition id >= 0", "e.g. 0")
+    _require(2 <= int(r.guesses) <= int(r.canaries) and int(r.guesses) % 2 == 0, "audit.release.guesses",
+             f"{r.guesses} is not an even number in [2, audit.release.canaries={r.canaries}]",
+             "e.g. audit.release.guesses=200 with 1000 canaries")
+    if r.enabled:
+        _require(not cfg.secagg, "audit.release", "SecAgg+ hides each client's release from the server",
+                 "audit with secagg=false")
     _choice(cfg, "tracking.backend", ("none", "tensorboard"))
 
 

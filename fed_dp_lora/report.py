@@ -39,7 +39,8 @@ class RunReport:
         self.clients: dict[str, dict[str, float]] = {}  # latest privacy figures per client
         self.majority_baseline: dict[str, float] | None = None
         self.user_level: dict[str, Any] | None = None  # set by DP-FedAvg: the user-level guarantee
-        self.audit: dict[str, Any] | None = None
+        self.audit: dict[str, Any] | None = None  # the input-canary audit of the final global adapter
+        self.release_audit: dict[str, Any] | None = None  # the audit of one client's releases
         self.run: dict[str, Any] = {"study": None, "resumed_after_round": [], "stopped": None}
         self.started = time.time()
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -146,7 +147,7 @@ class RunReport:
                 "clip_norm": privacy["clip_norm"],
                 "noise_source": SEEDED_NOISE if privacy.get("seeded_noise") else SECRET_NOISE,
                 "user_level": self.user_level or {"enabled": False, "unit": USER_PRIVACY_UNIT},
-                **({"audit": self.audit} if self.audit is not None else {}),
+                **({"audit": self._audits()} if self.audit is not None or self.release_audit is not None else {}),
             },
             "communication": {
                 "up": sum(r["bytes"]["up"] for r in self.rounds),
@@ -154,6 +155,11 @@ class RunReport:
                 "per_round": [{"round": r["round"], **r["bytes"]} for r in self.rounds],
             },
         }
+
+    def _audits(self) -> dict[str, Any]:
+        """privacy.audit: the input-canary audit's fields, and `release` for the release audit."""
+        release = {"release": self.release_audit} if self.release_audit is not None else {}
+        return {**(self.audit or {}), **release}
 
     def write(self) -> Path:
         return write_atomic(self.out_dir / "summary.json", json.dumps(self.summary(), indent=2).encode())

@@ -156,6 +156,11 @@ def test_wrong_type_names_key_and_fix(override, key):
         (["eval.batch_size=true"], "eval.batch_size"),
         (["strategy.fraction_train=0"], "strategy.fraction_train"),
         (["strategy.fraction_train=1.5"], "strategy.fraction_train"),
+        (["audit.release.guesses=201"], "audit.release.guesses"),  # half "in", half "out"
+        (["audit.release.guesses=1002"], "audit.release.guesses"),
+        (["audit.release.client=-1"], "audit.release.client"),
+        (["audit.release.enabled=yes"], "audit.release.enabled"),
+        (["audit.release.enabled=true", "secagg=true"], "audit.release"),
     ],
 )
 def test_invalid_value_names_key_and_fix(overrides, key):

@@ -11,6 +11,7 @@ Poisson sampling must take a noise-only step on an empty batch, where Opacus' op
 from __future__ import annotations
 
 import secrets
+from typing import Protocol
 
 import torch
 from opacus import GradSampleModule
@@ -25,15 +26,26 @@ class CoverageError(RuntimeError):
     """A trainable tensor has no per-sample gradient: it would escape clipping and noise."""
 
 
+class StepExtra(Protocol):
+    """Records whose clipped gradient is known in advance (the audit's gradient canaries).
+
+    Called once per logical step: flat vectors (one per trainable tensor, in the engine's
+    order) to add to the step's clipped sum before the noise, or None when none is sampled.
+    """
+
+    def step_sum(self, params: list[nn.Parameter]) -> list[torch.Tensor] | None: ...
+
+
 class GradientEngine:
     """Non-private gradients: the baseline through the same training code path."""
 
     private = False
 
-    def __init__(self, model: nn.Module, expected_batch_size: float) -> None:
+    def __init__(self, model: nn.Module, expected_batch_size: float, extra: StepExtra | None = None) -> None:
         self.module = model
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.expected_batch_size = expected_batch_size
+        self.extra = extra
 
     def backward(self, per_sample_losses: torch.Tensor, weights: torch.Tensor | None = None) -> None:
         """Backprop the (weighted) sum of per-record losses over the expected batch size.
@@ -46,7 +58,11 @@ class GradientEngine:
 
     def finalize(self, batch_size: int) -> bool:
         """Make p.grad ready for optimizer.step(); False means skip the step."""
-        return batch_size > 0
+        extra = self.extra.step_sum(self.params) if self.extra is not None else None
+        for p, e in zip(self.params, extra or ()):
+            e = e.div(self.expected_batch_size).view_as(p).to(p.device, p.dtype)
+            p.grad = e if p.grad is None else p.grad.add_(e)
+        return batch_size > 0 or extra is not None
 
     def detach(self) -> None:
         """Leave the model as it was (a cached model is reused next round)."""
@@ -65,11 +81,12 @@ class PrivateGradientEngine(GradientEngine):
         noise_multiplier: float,
         generator: torch.Generator | None = None,
         per_sample: str = "auto",
+        extra: StepExtra | None = None,
     ) -> None:
         """`per_sample`: "fused" (our single-backward path; CoverageError if a trainable tensor
         is not in a plain nn.Linear), "opacus" (GradSampleModule hooks), or "auto" (fused when
         it covers every trainable tensor, else Opacus)."""
-        super().__init__(model, expected_batch_size)
+        super().__init__(model, expected_batch_size, extra)
         if per_sample not in PER_SAMPLE_MODES:
             raise ValueError(f"per_sample must be one of {PER_SAMPLE_MODES}, not {per_sample!r}")
         self.names = {p: n for n, p in model.named_parameters() if p.requires_grad}
@@ -178,7 +195,7 @@ class PrivateGradientEngine(GradientEngine):
         return grads
 
     def finalize(self, batch_size: int) -> bool:
-        """Set p.grad = (sum_i clip(g_i) + N(0, (sigma C)^2)) / expected batch size.
+        """Set p.grad = (sum_i clip(g_i) + extra + N(0, (sigma C)^2)) / expected batch size.
 
         `batch_size` is the number of records (not padding rows) in the logical step. One noise
         draw per logical step, however many micro-batches made the sum. An empty Poisson batch
@@ -193,6 +210,9 @@ class PrivateGradientEngine(GradientEngine):
             self.last_clipped_fraction = float((finite > self.clip_norm).float().mean()) if len(finite) else 0.0
             self.last_median_norm = float(finite.median()) if len(finite) else 0.0
         sums = self._sums or [torch.zeros(p.numel(), device=p.device) for p in self.params]
+        extra = self.extra.step_sum(self.params) if self.extra is not None else None
+        if extra is not None:  # before the noise: these records get the same mechanism as real ones
+            sums = [s + e.to(s.device) for s, e in zip(sums, extra)]
         self._sums, self._norms = None, []
         std = self.noise_multiplier * self.clip_norm
         for p, s in zip(self.params, sums):

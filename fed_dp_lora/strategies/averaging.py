@@ -9,7 +9,7 @@ and bytes on the wire are reported each round.
 from __future__ import annotations
 
 from logging import INFO, WARNING
-from typing import Iterable
+from typing import Callable, Iterable
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common.logger import log
@@ -58,6 +58,9 @@ class CheckedAggregation:
     """
 
     report: RunReport
+    # Called with (round, metrics, adapter as received, global adapter sent) for every accepted
+    # update, int8 uploads decoded: the release audit reads what the server sees here.
+    release_observer: Callable[[int, MetricRecord, ArrayRecord, ArrayRecord], None] | None = None
 
     def __init__(self, report: RunReport, **kwargs) -> None:
         super().__init__(fraction_evaluate=0.0, train_metrics_aggr_fn=_train_metrics, **kwargs)
@@ -132,6 +135,8 @@ class CheckedAggregation:
                 continue
             bytes_up += sent_bytes
             clients[name] = {k: float(v) for k, v in metrics.items()}
+            if self.release_observer is not None and reference is not None:
+                self.release_observer(server_round, metrics, arrays, reference)
             accepted.append(reply)
         # Flower's aggregation refuses replies whose metrics differ in keys: keep the common ones
         # (the report above has every client's full metrics), so one odd reply cannot stop a round.
