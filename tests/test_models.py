@@ -282,3 +282,49 @@ def test_local_model_folder_works_by_config(tiny_cfg, tmp_path):
     for (name, a), b in zip(model.state_dict().items(), reference.state_dict().values()):
         assert torch.equal(a, b), name
 
+
+# --- what loading prints ----------------------------------------------------------------------
+
+
+def test_loading_prints_no_head_report_progress_bar_or_peft_notice(tiny_cfg, capfd):
+    """The head is always missing from the checkpoint (it is new): no report on every client."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        build_model(tiny_cfg(), 2)
+    printed = "".join(capfd.readouterr())
+    assert "LOAD REPORT" not in printed and "MISSING" not in printed
+    assert "Loading weights" not in printed
+    assert not [w for w in caught if "is_gradient_checkpointing" in str(w.message)]
+
+
+def test_base_weights_missing_from_the_checkpoint_are_still_reported(tiny_cfg, tmp_path, caplog):
+    from safetensors.torch import load_file, save_file
+    import shutil
+
+    folder = tmp_path / "incomplete"
+    shutil.copytree(model_source(tiny_cfg()), folder)
+    weights = load_file(folder / "model.safetensors")
+    dropped = "encoder.layer.0.attention.self.query.weight"
+    assert dropped in weights
+    del weights[dropped]
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    with caplog.at_level("WARNING", logger="fed_dp_lora.models"):
+        build_model(tiny_cfg(f"model.name={folder}"), 2)
+    [record] = [r for r in caplog.records if r.name == "fed_dp_lora.models"]
+    assert record.getMessage().startswith("model.name:") and "Fix:" in record.getMessage()
+    assert "lacks 1 base weights" in record.getMessage() and dropped in record.getMessage()
+
+
+def test_base_weights_of_other_shapes_are_a_config_error(tiny_cfg, tmp_path):
+    import json
+    import shutil
+
+    folder = tmp_path / "reshaped"
+    shutil.copytree(model_source(tiny_cfg()), folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["intermediate_size"] *= 2  # the saved feed-forward weights no longer fit
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match=r"^model\.name: .* weights whose shapes differ .*intermediate.*Fix:"):
+        build_model(tiny_cfg(f"model.name={folder}"), 2)
