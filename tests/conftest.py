@@ -18,10 +18,25 @@ from dataclasses import dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
 from fed_dp_lora.config import compose_config, validate  # noqa: E402
 from tests.tiny_models import save_tiny_bert, save_tiny_llama  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _one_thread_unless_heavy(request):
+    """Fast-tier tests run on one intra-op thread: their matrices are tiny, and on 2 cores
+    shared with other jobs a second thread mostly spins waiting for a core. slow and e2e
+    tests keep the threads they are given."""
+    if request.node.get_closest_marker("slow") or request.node.get_closest_marker("e2e"):
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture

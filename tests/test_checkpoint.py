@@ -53,6 +53,7 @@ def stopped_run(overrides: str, clients: int, out, stop_round: int, after_traini
         run_federation(overrides, clients, out, grid_class=grid)
 
 
+@pytest.mark.slow
 def test_resume_after_a_stop_mid_round_equals_the_uninterrupted_run(tmp_path):
     whole = run_federation(RECORD_DP, 3, tmp_path / "whole")
 
@@ -77,6 +78,7 @@ def test_resume_after_a_stop_mid_round_equals_the_uninterrupted_run(tmp_path):
     assert resumed["final"]["balanced_accuracy"] == pytest.approx(whole["final"]["balanced_accuracy"], abs=1e-6)
 
 
+@pytest.mark.slow
 def test_resumed_strategy_state_continues_its_own_streams(tmp_path):
     """DP-FedAvg with adaptive clipping: clip norm, user-level ledger and noise RNG continue;
     the clients' secret keys continue their streams too (they live under output-dir)."""
