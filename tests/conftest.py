@@ -81,12 +81,6 @@ def tiny_cfg(make_cfg, tiny_models):
 
 
 @pytest.fixture
-def tiny_causal_cfg(make_cfg, tiny_models):
-    """make_cfg on the tiny Llama causal LM instead of the packaged SmolLM2."""
-    return lambda *overrides: make_cfg(*tiny_models.causal_lm, *overrides)
-
-
-@pytest.fixture
 def task_identity():
     """Messages built outside the runtime take run/node/task ids from TaskIdentity (internal API)."""
     from flwr.supercore.task_identity import TaskIdentity
