@@ -194,7 +194,15 @@ def _zero_head(model: PreTrainedModel) -> None:
 
 
 def load_tokenizer(cfg: DictConfig) -> PreTrainedTokenizerBase:
+    """The model's tokenizer, padding and truncating on the right whatever its own default.
+
+    Batches are cut to a width from the left edge (training.Encoded), and a record's tokens must
+    sit at the same positions whichever batch it is in: with left padding a record's input would
+    depend on the other records of its batch.
+    """
     tok = AutoTokenizer.from_pretrained(model_source(cfg))
+    tok.padding_side = "right"
+    tok.truncation_side = "right"
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok

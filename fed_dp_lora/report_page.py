@@ -117,15 +117,18 @@ def _sections(summary: dict[str, Any]) -> list[tuple[str, list[str], list[list[s
          per_round),
         ("Clients", ["client", "rounds trained", "epsilon", "failures"], participation),
     ]
-    audit = privacy.get("audit")
-    if audit:
+    audit = privacy.get("audit") or {}
+    audits = [("final global adapter, input canaries", audit)] if "epsilon_lower" in audit else []
+    if audit.get("release"):
+        audits.append((f"{audit['release']['client']}'s releases, gradient canaries", audit["release"]))
+    if audits:
         tables.append((
             "Privacy audit",
-            ["epsilon lower bound", "claimed epsilon", "canaries", "guesses", "correct", "confidence"],
-            [[_fmt(audit["epsilon_lower"]), _fmt(audit["claimed_epsilon"] if audit["claimed_epsilon"]
-                                                  is not None else "privacy off"),
-              str(audit["canaries"]), str(audit["guesses"]), str(audit["correct"]),
-              _fmt(audit["confidence"])]],
+            ["audited", "epsilon lower bound", "claimed epsilon", "canaries", "guesses", "correct", "confidence"],
+            [[what, _fmt(a["epsilon_lower"]),
+              _fmt(a["claimed_epsilon"] if a["claimed_epsilon"] is not None else "privacy off"),
+              str(a["canaries"]), str(a["guesses"]), str(a["correct"]), _fmt(a["confidence"])]
+             for what, a in audits],
         ))
     return tables
 

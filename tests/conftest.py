@@ -7,8 +7,11 @@ and plain `pytest` (everything: the packaged models, real training, the Flower r
 from __future__ import annotations
 
 import os
+import tempfile
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+# Simulated clients keep their state under FED_DP_LORA_STATE; tests never touch ~/.local.
+os.environ.setdefault("FED_DP_LORA_STATE", tempfile.mkdtemp(prefix="fdl-test-state-"))
 os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")

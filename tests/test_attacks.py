@@ -10,7 +10,7 @@ from fed_dp_lora.attacks import attack, is_malicious, malicious_partitions
 from fed_dp_lora.client_app import app as client_app
 from fed_dp_lora.config import load_config, to_plain
 from fed_dp_lora.experiments.inprocess import InProcessGrid
-from fed_dp_lora.local_round import cached_model
+from fed_dp_lora.client_data import cached_model
 from fed_dp_lora.models import trainable_state
 from fed_dp_lora.report import RunReport
 from fed_dp_lora.strategies import build_strategy

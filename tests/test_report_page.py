@@ -116,3 +116,17 @@ def test_metrics_plot_draws_each_majority_baseline_in_its_metrics_colour():
     ax = metrics_figure(s).axes[0]
     assert all(len(set(line.get_ydata())) > 1 for line in ax.lines if len(line.get_ydata()))
     assert "majority-class baseline" not in [t.get_text() for t in ax.get_legend().get_texts()]
+
+
+def test_release_audit_gets_its_own_row_beside_the_input_audit_or_alone(tmp_path):
+    s = summary()
+    release = {"client": "client-0", "epsilon_lower": 0.43, "claimed_epsilon": 2.0, "canaries": 1000,
+               "guesses": 200, "correct": 133, "confidence": 0.95}
+    s["privacy"]["audit"]["release"] = release
+    text = write_report(s, tmp_path / "both")[0].read_text()
+    assert "| final global adapter, input canaries | 0.125 | 4.4 | 500 | 100 | 57 | 0.95 |" in text
+    assert "| client-0's releases, gradient canaries | 0.43 | 2 | 1000 | 200 | 133 | 0.95 |" in text
+    s["privacy"]["audit"] = {"release": {**release, "claimed_epsilon": None}}
+    text = write_report(s, tmp_path / "alone")[0].read_text()
+    assert "| client-0's releases, gradient canaries | 0.43 | privacy off | 1000 | 200 | 133 | 0.95 |" in text
+    assert "input canaries" not in text

@@ -304,9 +304,9 @@ def test_noise_added_to_a_real_batch_has_the_calibrated_std(tiny_cfg):
 class CountingEncoded(Encoded):
     """Records every batch the training loop actually draws (non-empty ones only)."""
 
-    def batch(self, index, device):
+    def slots(self, index, device):
         self.sizes.append(len(index))
-        return super().batch(index, device)
+        return super().slots(index, device)
 
 
 class _CountingOptimizer:
@@ -334,7 +334,7 @@ def _spy_optimizers(monkeypatch) -> list[_CountingOptimizer]:
 
 
 def _counting(data: Encoded) -> CountingEncoded:
-    counted = CountingEncoded(data.input_ids, data.attention_mask, data.labels)
+    counted = CountingEncoded(data.input_ids, data.attention_mask, data.labels, data.pad_token_id)
     counted.sizes = []
     return counted
 
