@@ -54,6 +54,7 @@ def stopped_run(overrides: str, clients: int, out, stop_round: int, after_traini
         run_federation(overrides, clients, out, grid_class=grid)
 
 
+@pytest.mark.slow
 def test_resume_after_a_stop_mid_round_equals_the_uninterrupted_run(tmp_path):
     whole = run_federation(RECORD_DP, 3, tmp_path / "whole")
 
@@ -78,6 +79,7 @@ def test_resume_after_a_stop_mid_round_equals_the_uninterrupted_run(tmp_path):
     assert resumed["final"]["balanced_accuracy"] == pytest.approx(whole["final"]["balanced_accuracy"], abs=1e-6)
 
 
+@pytest.mark.slow
 def test_resumed_strategy_state_continues_its_own_streams(tmp_path, monkeypatch):
     """DP-FedAvg with adaptive clipping: clip norm, user-level ledger and noise RNG continue;
     the clients' secret keys continue their streams too (they live in the clients' state dirs).
@@ -103,6 +105,7 @@ def test_resumed_strategy_state_continues_its_own_streams(tmp_path, monkeypatch)
     assert len(b["rounds"]) == 3 and b["run"]["resumed_after_round"] == [1]
 
 
+@pytest.mark.slow
 def test_a_stop_between_the_checkpoint_and_the_round_outputs_replays_no_server_noise(tmp_path, monkeypatch):
     """DP-FedAvg's noise RNG and ledger are saved before any artefact of the round: a stop in
     between resumes at the next round (no noise drawn twice) and writes the missing outputs."""

@@ -1,4 +1,7 @@
-"""A whole federation in one process with the audit and the tracker on: what a run writes."""
+"""A whole federation in one process with the audit and the tracker on: what a run writes.
+
+On the tiny BERT (tests/tiny_models.py): what a run writes does not depend on the weights.
+"""
 
 from __future__ import annotations
 
@@ -14,8 +17,8 @@ TINY = ("+preset=tiny rounds=2 train.batch_size=16 train.epochs=0.02 privacy.noi
         "audit.enabled=true audit.canaries=40 tracking.backend=tensorboard eval.interval=2")
 
 
-def test_run_writes_audit_report_and_tracker(tmp_path):
-    summary = run_federation(TINY, 2, tmp_path)
+def test_run_writes_audit_report_and_tracker(tmp_path, tiny_models):
+    summary = run_federation(" ".join((TINY, *tiny_models.classifier)), 2, tmp_path)
 
     audit = summary["privacy"]["audit"]
     assert {"epsilon_lower", "canaries", "confidence"} <= audit.keys()
@@ -42,10 +45,10 @@ def test_run_writes_audit_report_and_tracker(tmp_path):
     assert {f"epsilon/{c}" for c in eps} <= set(events.Tags()["scalars"])
 
 
-def test_rounds_record_where_the_time_went(tmp_path):
+def test_rounds_record_where_the_time_went(tmp_path, tiny_models):
     """The server times its side; each client times its own in its local log, never in its reply."""
-    summary = run_federation("+preset=tiny rounds=2 train.batch_size=16 train.epochs=0.02 "
-                             "privacy.noise_multiplier=1.0", 2, tmp_path)
+    summary = run_federation(" ".join(("+preset=tiny rounds=2 train.batch_size=16 train.epochs=0.02 "
+                                       "privacy.noise_multiplier=1.0", *tiny_models.classifier)), 2, tmp_path)
     for entry in summary["rounds"]:
         assert {"clients", "aggregate", "evaluate", "save"} <= entry["timing"].keys()
         assert not any("seconds" in key for m in entry["clients"].values() for key in m)

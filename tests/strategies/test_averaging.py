@@ -86,8 +86,8 @@ def test_aggregation_is_weighted_by_num_examples(tmp_path, make_cfg):
     assert report.rounds[0]["failures"] == {}
 
 
-def test_ffa_averaging_b_is_exactly_the_average_of_the_updates_ba(tmp_path):
-    overrides = f"{FAST} lora=ffa"
+def test_ffa_averaging_b_is_exactly_the_average_of_the_updates_ba(tmp_path, tiny_models):
+    overrides = f"{FAST} lora=ffa {tiny_models.classifier[0]}"
     cfg = load_config({"overrides": overrides, "output-dir": ""})
     assert cfg.lora.mode == "ffa"
     server_model = build_model(cfg, 2)  # the server's own copy, built independently
@@ -175,8 +175,8 @@ def test_malformed_updates_are_rejected_logged_and_the_round_goes_on(tmp_path, m
     assert summary["rounds"][0]["failures"] == failures
 
 
-def test_error_replies_are_recorded_with_their_reason(tmp_path):
-    overrides = FAST
+def test_error_replies_are_recorded_with_their_reason(tmp_path, tiny_models):
+    overrides = f"{FAST} {tiny_models.classifier[0]}"
     cfg = load_config({"overrides": overrides, "output-dir": ""})
     reference = trainable_state(cached_model(cfg))
 
