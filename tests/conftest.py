@@ -29,6 +29,13 @@ from tests.tiny_models import save_tiny_bert, save_tiny_llama  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
+def _own_client_state(tmp_path_factory, monkeypatch):
+    """Each test's simulated institutions start with empty state dirs, as each run's would
+    (study ids repeat across tests; their ledgers must not)."""
+    monkeypatch.setenv("FED_DP_LORA_STATE", str(tmp_path_factory.mktemp("client-state")))
+
+
+@pytest.fixture(autouse=True)
 def _one_thread_unless_heavy(request):
     """Fast-tier tests run on one intra-op thread: their matrices are tiny, and on 2 cores
     shared with other jobs a second thread mostly spins waiting for a core. slow and e2e

@@ -6,6 +6,7 @@ table. Noise is seeded, so every run here is one fixed draw of the audit.
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from fed_dp_lora.experiments.audit_power import planted_leak, release_audit_run
@@ -17,6 +18,7 @@ from fed_dp_lora.privacy.engine import PrivateGradientEngine
 from tests.test_checkpoint import RECORD_DP, stopped_run
 
 
+@pytest.mark.slow  # a federation trained to audit power: minutes
 def test_without_dp_the_audit_reaches_its_ceiling(tmp_path):
     result = release_audit_run("privacy=none", tmp_path)
     assert (result["client"], result["canaries"], result["guesses"]) == ("client-0", 1000, 200)
@@ -27,6 +29,7 @@ def test_without_dp_the_audit_reaches_its_ceiling(tmp_path):
     assert result["epsilon_lower"] >= result["ceiling"] - 0.5, result
 
 
+@pytest.mark.slow  # a federation trained to audit power: minutes
 def test_with_dp_the_bound_stays_below_the_claim_in_every_round(tmp_path):
     result = release_audit_run("privacy.epsilon=2", tmp_path)
     assert 1.9 < result["claimed_epsilon"] <= 2.0 and result["delta"] == 1e-5
@@ -35,6 +38,7 @@ def test_with_dp_the_bound_stays_below_the_claim_in_every_round(tmp_path):
         assert entry["epsilon_lower"] <= entry["claimed_epsilon"], entry
 
 
+@pytest.mark.slow  # a federation trained to audit power: minutes
 def test_a_client_that_claims_epsilon_but_adds_no_noise_is_caught(tmp_path):
     """A "DP" flag that does nothing: the ledger counts the calibrated sigma, the steps add none.
 
@@ -66,6 +70,7 @@ def test_canaries_change_the_audited_clients_release_and_no_other(make_cfg):
     assert any(not torch.equal(value, unaudited[name]) for name, value in audited_release.items())
 
 
+@pytest.mark.slow  # a federation trained to audit power: minutes
 def test_a_resumed_run_continues_the_audit_from_its_checkpoint(tmp_path):
     overrides = f"{RECORD_DP} audit.release.enabled=true audit.release.canaries=300 audit.release.guesses=60"
     whole = run_federation(overrides, 2, tmp_path / "whole")["privacy"]["audit"]["release"]

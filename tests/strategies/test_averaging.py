@@ -182,7 +182,7 @@ def test_error_replies_are_recorded_with_their_reason(tmp_path, tiny_models):
 
     # A real client whose ledger (in its Context) has already spent far more than the budget.
     node_config = {"partition-id": 0, "num-partitions": 3}
-    spent = InstitutionLedger([Release("", 0, 1.0, 0.5, 5000)], {"": StudyTerms(1e-4, "rdp", 1.0)})
+    spent = InstitutionLedger([Release("test-study", 0, 1.0, 0.5, 5000)], {"test-study": StudyTerms(1e-4, "rdp", 1.0)})
     exhausted = Context(run_id=7, node_id=401, node_config=node_config, state=RecordDict(),
                         run_config={"overrides": overrides, "output-dir": ""})
     exhausted.state[LEDGER_KEY] = ConfigRecord(spent.to_dict())
