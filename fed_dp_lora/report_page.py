@@ -17,6 +17,9 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.axes import Axes  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 SHOWN_METRICS = ("balanced_accuracy", "accuracy", "macro_f1", "auc", "loss", "perplexity")
 
@@ -28,29 +31,46 @@ def fmt(value: Any) -> str:
     return str(value)
 
 
-def _plot_metrics(rounds: list[dict], path: Path) -> None:
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    done = [r for r in rounds if "metrics" in r]
-    for key in SHOWN_METRICS:
-        points = [(r["round"], r["metrics"][key]) for r in done if key in r["metrics"]]
-        if points:
-            ax.plot(*zip(*points), marker="o", label=key)
+def _round_axis(ax: Axes) -> None:
+    """Rounds are whole numbers: no tick at round 1.25."""
     ax.set_xlabel("round")
-    ax.set_title("Central evaluation of the global adapter")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
+def _save(fig: Figure, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
-def _plot_epsilon(rounds: list[dict], path: Path) -> None:
+def metrics_figure(summary: dict[str, Any]) -> Figure:
+    """Each central metric per round, and the majority-class baseline of each (dashed)."""
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    done = [r for r in summary["rounds"] if "metrics" in r]
+    baseline = summary.get("final", {}).get("majority_baseline") or {}
+    for key in SHOWN_METRICS:
+        points = [(r["round"], r["metrics"][key]) for r in done if key in r["metrics"]]
+        if points:
+            (line,) = ax.plot(*zip(*points), marker="o", label=key)
+            if key in baseline:
+                ax.axhline(baseline[key], color=line.get_color(), linestyle="--", linewidth=1)
+    if baseline:
+        ax.plot([], [], color="grey", linestyle="--", linewidth=1, label="majority-class baseline")
+    _round_axis(ax)
+    ax.set_title("Central evaluation of the global adapter")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return fig
+
+
+def epsilon_figure(summary: dict[str, Any]) -> Figure:
+    rounds = summary["rounds"]
     fig, ax = plt.subplots(figsize=(6, 3.5))
     clients = sorted({c for r in rounds for c in r.get("epsilon", {})})
     for client in clients:
         points = [(r["round"], float(r["epsilon"][client])) for r in rounds if client in r.get("epsilon", {})]
         ax.plot(*zip(*points), marker="o", label=client)
-    ax.set_xlabel("round")
+    _round_axis(ax)
     ax.set_ylabel("epsilon (record level)")
     ax.set_title("Each client's epsilon after the round")
     ax.grid(alpha=0.3)
@@ -58,24 +78,21 @@ def _plot_epsilon(rounds: list[dict], path: Path) -> None:
         ax.legend(fontsize=8)
     else:
         ax.text(0.5, 0.5, "privacy off", ha="center", va="center", transform=ax.transAxes)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    return fig
 
 
-def _plot_bytes(rounds: list[dict], path: Path) -> None:
+def bytes_figure(summary: dict[str, Any]) -> Figure:
+    rounds = summary["rounds"]
     fig, ax = plt.subplots(figsize=(6, 3.5))
     x = [r["round"] for r in rounds]
     width = 0.4
     ax.bar([i - width / 2 for i in x], [r["bytes"]["up"] / 1e6 for r in rounds], width, label="up")
     ax.bar([i + width / 2 for i in x], [r["bytes"]["down"] / 1e6 for r in rounds], width, label="down")
-    ax.set_xlabel("round")
+    _round_axis(ax)
     ax.set_ylabel("MB")
     ax.set_title("Bytes on the wire per round")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    return fig
 
 
 def summary_tables(summary: dict[str, Any]) -> list[tuple[str, list[str], list[list[str]]]]:
@@ -101,15 +118,18 @@ def summary_tables(summary: dict[str, Any]) -> list[tuple[str, list[str], list[l
          per_round),
         ("Clients", ["client", "rounds trained", "epsilon", "failures"], participation),
     ]
-    audit = privacy.get("audit")
-    if audit:
+    audit = privacy.get("audit") or {}
+    audits = [("final global adapter, input canaries", audit)] if "epsilon_lower" in audit else []
+    if audit.get("release"):
+        audits.append((f"{audit['release']['client']}'s releases, gradient canaries", audit["release"]))
+    if audits:
         tables.append((
             "Privacy audit",
-            ["epsilon lower bound", "claimed epsilon", "canaries", "guesses", "correct", "confidence"],
-            [[fmt(audit["epsilon_lower"]), fmt(audit["claimed_epsilon"] if audit["claimed_epsilon"]
-                                                  is not None else "privacy off"),
-              str(audit["canaries"]), str(audit["guesses"]), str(audit["correct"]),
-              fmt(audit["confidence"])]],
+            ["audited", "epsilon lower bound", "claimed epsilon", "canaries", "guesses", "correct", "confidence"],
+            [[what, fmt(a["epsilon_lower"]),
+              fmt(a["claimed_epsilon"] if a["claimed_epsilon"] is not None else "privacy off"),
+              str(a["canaries"]), str(a["guesses"]), str(a["correct"]), fmt(a["confidence"])]
+             for what, a in audits],
         ))
     return tables
 
@@ -134,16 +154,16 @@ def headline(summary: dict[str, Any]) -> list[str]:
     return lines
 
 
-PLOTS = (("metrics.png", _plot_metrics), ("epsilon.png", _plot_epsilon), ("bytes.png", _plot_bytes))
+PLOTS = (("metrics.png", metrics_figure), ("epsilon.png", epsilon_figure), ("bytes.png", bytes_figure))
 
 
 def write_report(summary: dict[str, Any], out_dir: Path) -> tuple[Path, Path]:
     """report.md (+ report-*.png) and a self-contained report.html in out_dir."""
     out_dir.mkdir(parents=True, exist_ok=True)
     images = []
-    for name, plot in PLOTS:
+    for name, figure in PLOTS:
         path = out_dir / f"report-{name}"
-        plot(summary["rounds"], path)
+        _save(figure(summary), path)
         images.append(path)
     tables = summary_tables(summary)
     md = ["# fed-dp-lora run report", "", *[f"- {line}" for line in headline(summary)], ""]

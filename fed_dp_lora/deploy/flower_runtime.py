@@ -50,10 +50,10 @@ from flwr.supercore.task_identity import TaskIdentity
 from flwr.supercore.tls import validate_and_resolve_root_certificates
 
 from fed_dp_lora.deploy.app_check import AppPolicy, Verdict
-from fed_dp_lora.wire import REFUSED_APP
+from fed_dp_lora.reply import REFUSAL_TEXT, Refusal
 
 # The one text the server sees for a refused bundle; the differences stay in the local log.
-APP_REFUSED = "app bundle refused: not the code this institution installed, nor a hash it pinned"
+APP_REFUSED = REFUSAL_TEXT[Refusal.APP]
 PACKAGE = "fed_dp_lora"
 QUICK_PULL = {"initial_backoff": 0.05, "backoff_cap": 0.5, "max_tries_per_object": 15_000}  # see 3. above
 
@@ -62,7 +62,7 @@ class RefusingApp(ClientApp):
     """Stands in for an unverified app: answers with the fixed refusal, runs none of its code."""
 
     def __call__(self, message: Message, context: Context) -> Message:
-        return Message(Error(code=REFUSED_APP, reason=APP_REFUSED), reply_to=message)
+        return Message(Error(code=int(Refusal.APP), reason=APP_REFUSED), reply_to=message)
 
 
 def write_audit(path: Path | None, verdict: Verdict) -> None:

@@ -9,7 +9,7 @@ and bytes on the wire are reported each round.
 from __future__ import annotations
 
 from logging import INFO, WARNING
-from typing import Iterable
+from typing import Callable, Iterable
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common.logger import log
@@ -18,8 +18,8 @@ from flwr.serverapp.strategy import FedAvg
 
 from fed_dp_lora.report import RunReport
 from fed_dp_lora.strategies.names import NodeNames
-from fed_dp_lora.wire import (INT8_UPDATE, REFUSED_BUDGET, UPLOAD_KEY, decode_int8_update, payload_bytes,
-                              update_problem)
+from fed_dp_lora.reply import Refusal
+from fed_dp_lora.wire import INT8_UPDATE, UPLOAD_KEY, decode_int8_update, payload_bytes, update_problem
 
 
 def _last_line(reason: str | None) -> str:
@@ -29,10 +29,10 @@ def _last_line(reason: str | None) -> str:
 
 
 def _train_metrics(records: list[RecordDict], weighted_by_key: str) -> MetricRecord:
-    """Weighted mean train loss and the largest client epsilon (a mean epsilon means nothing)."""
+    """The largest client epsilon (a mean epsilon means nothing). Clients send no training loss:
+    it is computed from their records without noise, so it stays in their local logs."""
     metrics = [r.metric_records["metrics"] for r in records]
-    total = sum(float(m[weighted_by_key]) for m in metrics)
-    out = {"train-loss": sum(float(m["train-loss"]) * float(m[weighted_by_key]) for m in metrics) / total}
+    out: dict[str, float] = {"clients": float(len(metrics))}
     eps = [float(m["epsilon"]) for m in metrics if "epsilon" in m]
     if eps:
         out["epsilon-max"] = max(eps)
@@ -48,6 +48,9 @@ class CheckedAggregation:
     """
 
     report: RunReport
+    # Called with (round, metrics, adapter as received, global adapter sent) for every accepted
+    # update, int8 uploads decoded: the release audit reads what the server sees here.
+    release_observer: Callable[[int, MetricRecord, ArrayRecord, ArrayRecord], None] | None = None
 
     def __init__(self, report: RunReport, **kwargs) -> None:
         super().__init__(fraction_evaluate=0.0, train_metrics_aggr_fn=_train_metrics, **kwargs)
@@ -98,7 +101,7 @@ class CheckedAggregation:
         for reply in replies:
             name = self.names.of_reply(reply, self.node_of(reply))
             if reply.has_error():
-                out_of_budget += int(reply.error.code == REFUSED_BUDGET)
+                out_of_budget += int(reply.error.code == Refusal.BUDGET)
                 reason = _last_line(reply.error.reason)
                 failures[name] = f"error (code {reply.error.code}): {reason}"
                 log(WARNING, "Round %d: %s did not train: %s", server_round, name, reason)
@@ -125,6 +128,8 @@ class CheckedAggregation:
                 continue
             bytes_up += sent_bytes
             clients[name] = {k: float(v) for k, v in metrics.items()}
+            if self.release_observer is not None and reference is not None:
+                self.release_observer(server_round, metrics, arrays, reference)
             accepted.append(reply)
         # Flower's aggregation refuses replies whose metrics differ in keys: keep the common ones
         # (the report above has every client's full metrics), so one odd reply cannot stop a round.

@@ -2,8 +2,9 @@
 
 In deployment an institution's name is the one the operator gave its key at registration
 (`scripts/deploy/register.sh CONNECTION KEY.pub NAME`): the SuperLink stores it with the node and
-Flower's `grid.get_nodes()` returns it, so nothing the client sends is needed. Unregistered nodes
-(an `--insecure` test SuperLink) keep `node-<id>`; a simulated client is `client-<partition-id>`.
+Flower's `grid.get_nodes()` returns it. An unregistered node (an `--insecure` test SuperLink) is
+named by what it declares (node-config `name`, sent as public metadata), marked as declared, else
+`node-<id>`; a simulated client is `client-<partition-id>`.
 A name given to two nodes, or one that would clash with the report's own "server" entry, gets
 the node id appended.
 """
@@ -14,6 +15,8 @@ from collections import Counter
 
 from flwr.app import Message
 from flwr.serverapp import Grid
+
+from fed_dp_lora.reply import NODE_RECORD
 
 RESERVED = frozenset({"server"})  # the report's key for the server's own failures
 
@@ -39,11 +42,15 @@ class NodeNames:
         return self.names.get(int(node_id), fallback_name(node_id))
 
     def of_reply(self, reply: Message, node_id: int | None = None) -> str:
-        """client-<partition-id> in simulation, else the node's name (`node_id` if known, else the sender)."""
+        """client-<partition-id> in simulation, else the registered name, else the declared one."""
         metrics = reply.content.metric_records.get("metrics") if reply.has_content() else None
         if metrics is not None and "partition-id" in metrics:
             return f"client-{int(metrics['partition-id'])}"
-        return self.of(reply.metadata.src_node_id if node_id is None else node_id)
+        nid = int(reply.metadata.src_node_id if node_id is None else node_id)
+        node = reply.content.config_records.get(NODE_RECORD) if reply.has_content() else None
+        if nid not in self.names and node is not None and node.get("name"):
+            return f"{node['name']} (declared, {fallback_name(nid)})"  # self-named: never taken for a registered one
+        return self.of(nid)
 
     def table(self) -> dict[str, int]:
         """name -> node id, for summary.json (who is who, for the operator)."""

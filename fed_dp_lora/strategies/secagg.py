@@ -163,8 +163,8 @@ class SecAggAdapterStrategy(LegacyFedAvg):
             self.report.rounds[-1]["failures"]["server"] = reason
             return None, {}
         log(INFO, "Round %d: SecAgg+ aggregate of %d masked updates", server_round, len(results))
-        total = sum(m["num-examples"] for m in clients.values())
-        metrics = {"train-loss": sum(m["train-loss"] * m["num-examples"] for m in clients.values()) / total}
+        eps = [m["epsilon"] for m in clients.values() if "epsilon" in m]
+        metrics = {"clients": float(len(clients)), **({"epsilon-max": max(eps)} if eps else {})}
         return ndarrays_to_parameters([new[k] for k in self.keys]), metrics
 
     def evaluate(self, server_round: int, parameters: Parameters) -> tuple[float, dict[str, Scalar]] | None:

@@ -59,9 +59,9 @@ def test_a_bundle_built_from_the_same_code_is_accepted_as_installed(reference, c
 
 
 @pytest.mark.parametrize("change, problem", [
-    (lambda d: (d / "fed_dp_lora" / "local_round.py").write_text(
-        (d / "fed_dp_lora" / "local_round.py").read_text() + "\n# one more line\n"),
-     "changed file fed_dp_lora/local_round.py"),
+    (lambda d: (d / "fed_dp_lora" / "client_round.py").write_text(
+        (d / "fed_dp_lora" / "client_round.py").read_text() + "\n# one more line\n"),
+     "changed file fed_dp_lora/client_round.py"),
     (lambda d: (d / "conf" / "privacy" / "dp.yaml").write_text(
         (d / "conf" / "privacy" / "dp.yaml").read_text().replace("clip_norm", "clip_norm ", 1)),
      "changed file conf/privacy/dp.yaml"),

@@ -18,7 +18,7 @@ import pytest
 
 from fed_dp_lora.deploy.app_check import build_reference
 from fed_dp_lora.deploy.flower_runtime import APP_REFUSED
-from fed_dp_lora.wire import REFUSED_APP
+from fed_dp_lora.reply import Refusal
 from tests.e2e.deployment import (REPO, SCRIPTS, flwr_run_deployment, start_deployment_superlink, start_supernode,
                                   write_tls_connection)
 from tests.e2e.runtime import _bin
@@ -80,7 +80,7 @@ def test_a_changed_app_is_refused_with_the_fixed_reply_and_none_of_its_code_runs
     (round1,) = summary["rounds"]
     assert not round1["clients"]
     (reason,) = [v for k, v in round1["failures"].items() if k != "server"]
-    assert reason == f"error (code {REFUSED_APP}): {APP_REFUSED}"
+    assert reason == f"error (code {int(Refusal.APP)}): {APP_REFUSED}"
     assert found == [], "the refused bundle's code was imported"
     (entry,) = audit
     assert not entry["accepted"] and entry["differences"] == ["changed file fed_dp_lora/client_app.py"]
