@@ -98,7 +98,9 @@ class CheckedAggregation:
         clients: dict[str, dict[str, float]] = {}
         bytes_up = 0
         out_of_budget = 0
-        for reply in replies:
+        # Replies arrive in completion order; aggregating in a fixed order makes the global adapter
+        # (and so its digest, which seeds the clients' next streams) the same in a resumed run.
+        for reply in sorted(replies, key=lambda r: self.names.of_reply(r, self.node_of(r))):
             name = self.names.of_reply(reply, self.node_of(reply))
             if reply.has_error():
                 out_of_budget += int(reply.error.code == Refusal.BUDGET)

@@ -64,6 +64,11 @@ def _wait_healthy(port: int, ca: Path, timeout: float = 120.0) -> None:
     raise TimeoutError(f"SuperLink container not healthy on 127.0.0.1:{port} after {timeout:.0f}s")
 
 
+def _records(csv: Path) -> int:
+    """The record count an institution would declare for its file (its data rows)."""
+    return sum(1 for _ in csv.open()) - 1
+
+
 def _unregistered_supernode(fed: ComposeFederation, image: str, files: Path, key: Path) -> subprocess.CompletedProcess:
     """A SuperNode container with a key the operator never registered, on the project's network."""
     os.chown(key, 49999, 49999)
@@ -72,7 +77,8 @@ def _unregistered_supernode(fed: ComposeFederation, image: str, files: Path, key
                "-v", f"{files / 'certs' / 'ca.crt'}:/app/certs/ca.crt:ro",
                "-v", f"{key}:/app/keys/supernode.key:ro",
                "-v", f"{files / 'data' / 'institution-0.csv'}:/data/records.csv:ro",
-               image, "--superlink", "superlink:9092"]
+               image, "--superlink", "superlink:9092", "--records", str(_records(files / "data" / "institution-0.csv")),
+               "--epsilon", "8", "--labels", "good,bad"]
     return subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=180)
 
 
