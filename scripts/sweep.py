@@ -260,7 +260,7 @@ def main() -> None:
                 f"![balanced accuracy against epsilon]({rel})\n")
         from fed_dp_lora.experiments.readme import write_section
 
-        write_section(args.doc, "sweep", body)
+        write_section(args.doc, "results", body)
         print(f"sweep section rewritten: {args.doc}")
 
 

@@ -112,7 +112,7 @@ def test_readme_holds_the_command_ci_runs():
 # Every generated section: the file its generator writes, and the marker names it writes between.
 GENERATED = {
     "README.md": ["status"],  # scripts/readme_status.py
-    "docs/results.md": ["sweep", "audit", "audit-release"],  # scripts/sweep.py, scripts/audit_power.py
+    "docs/results.md": ["results", "audit", "audit-release"],  # scripts/sweep.py, scripts/audit_power.py
     "docs/deployment.md": ["round-times"],  # scripts/round_times.py
     "docs/performance.md": ["performance"],  # scripts/readme_performance.py
     "docs/privacy.md": ["allowlist", "node-config", "relation"],  # docs_tables.py, relation_cost.py
@@ -167,4 +167,4 @@ def test_sweep_section_is_what_results_csv_gives():
     saved = csv.DictReader((REPO / "results" / "sweep" / "results.csv").open())
     rows = [r for r in saved if sweep.cell_key(r) in wanted]
     assert len(rows) == len(wanted)
-    assert sweep.markdown(sweep.aggregate(rows)) in section("docs/results.md", "sweep")
+    assert sweep.markdown(sweep.aggregate(rows)) in section("docs/results.md", "results")
