@@ -8,7 +8,8 @@ report can name them; the server never uses that knowledge.
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 from omegaconf import DictConfig

@@ -77,7 +77,7 @@ class CentralEvaluator:
             labels = self.test.labels.numpy()
             # The server owns only the test set, so the baseline predicts its majority class:
             # if anything, an optimistic baseline.
-            self.majority = majority_baseline(labels, labels, self.num_labels)
+            self.majority = majority_baseline(labels, labels, len(label_names(cfg)))
 
     def initial_state(self) -> dict[str, torch.Tensor]:
         return trainable_state(self.model)
@@ -99,5 +99,5 @@ class CentralEvaluator:
     def save_adapter(self, state: dict[str, torch.Tensor], folder: Path) -> None:
         """A PEFT adapter folder: PeftModel.from_pretrained(base, folder) loads it."""
         load_trainable_state(self.model, state)
-        self.model.save_pretrained(folder)
+        self.model.save_pretrained(str(folder))
 

@@ -8,6 +8,8 @@ to the server. The detail goes to the institution's local log.
 
 from __future__ import annotations
 
+from typing import Any
+
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
@@ -25,8 +27,15 @@ from fed_dp_lora.privacy.accountant import BudgetExceeded
 from fed_dp_lora.privacy.institution_ledger import InstitutionLedger
 from fed_dp_lora.privacy.ledger_store import LedgerError
 from fed_dp_lora.reply import NODE_RECORD, REFUSAL_TEXT, Refusal, node_fields
-from fed_dp_lora.wire import (INT8_UPDATE, UPLOAD_KEY, encode_int8_update, is_legacy_fitins, secagg_fitins,
-                              secagg_fitres, secagg_quantization_margin)
+from fed_dp_lora.wire import (
+    INT8_UPDATE,
+    UPLOAD_KEY,
+    encode_int8_update,
+    is_legacy_fitins,
+    secagg_fitins,
+    secagg_fitres,
+    secagg_quantization_margin,
+)
 
 LEDGER_KEY = "privacy-ledger"
 REFUSALS: tuple[tuple[type[BaseException], Refusal], ...] = (
@@ -47,8 +56,9 @@ def secagg_when_asked(msg: Message, context: Context, call_next: ClientAppCallab
 def refuse(msg: Message, code: Refusal, detail: str, context: Context, text: str | None = None) -> Message:
     """An error reply with a fixed text; the detail is logged where the institution reads it."""
     state_dir = context.node_config.get("state-dir")
+    config = msg.content.config_records.get("config")
     local_log.refused(state_dir if isinstance(state_dir, str) else None, int(code), detail,
-                      {"round": msg.content.config_records.get("config", {}).get("server-round")})
+                      {"round": None if config is None else config.get("server-round")})
     return Message(Error(code=int(code), reason=text or REFUSAL_TEXT[code]), reply_to=msg)
 
 
@@ -86,7 +96,8 @@ def decode(msg: Message, cfg: DictConfig, node_id: int) -> tuple[RoundRequest, d
         if cfg.secagg:
             state, config = secagg_fitins(msg.content)
         else:
-            state, config = msg.content["arrays"].to_torch_state_dict(), dict(msg.content.config_records["config"])
+            state = msg.content.array_records["arrays"].to_torch_state_dict()
+            config = dict[str, Any](msg.content.config_records["config"])
         server_round = int(config.get("server-round", 0))
     except (KeyError, ValueError, TypeError) as err:
         raise InputRefused(f"malformed instructions: {err}") from err
@@ -110,9 +121,9 @@ def encode(cfg: DictConfig, context: Context, request: RoundRequest, released: R
                              quantization_margin=margin)
     int8 = cfg.upload.compression == "int8"
     content = RecordDict({"arrays": encode_int8_update(request.global_state, state) if int8 else ArrayRecord(state),
-                          "metrics": MetricRecord(released.metrics)})
+                          "metrics": MetricRecord(dict[str, Any](released.metrics))})
     if int8:
         content[UPLOAD_KEY] = ConfigRecord({"encoding": INT8_UPDATE})
     if released.policy.name is not None:
-        content[NODE_RECORD] = ConfigRecord(node_fields({"name": released.policy.name}))
+        content[NODE_RECORD] = ConfigRecord(dict[str, Any](node_fields({"name": released.policy.name})))
     return content

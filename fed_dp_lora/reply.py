@@ -11,8 +11,8 @@ metric cannot leak by accident.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from enum import IntEnum
-from typing import Mapping
 
 # metric key -> why sending it reveals nothing about any record beyond the DP release.
 METRICS: dict[str, str] = {

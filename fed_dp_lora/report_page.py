@@ -51,7 +51,7 @@ def metrics_figure(summary: dict[str, Any]) -> Figure:
     for key in SHOWN_METRICS:
         points = [(r["round"], r["metrics"][key]) for r in done if key in r["metrics"]]
         if points:
-            (line,) = ax.plot(*zip(*points), marker="o", label=key)
+            (line,) = ax.plot(*zip(*points, strict=True), marker="o", label=key)
             if key in baseline:
                 ax.axhline(baseline[key], color=line.get_color(), linestyle="--", linewidth=1)
     if baseline:
@@ -69,7 +69,7 @@ def epsilon_figure(summary: dict[str, Any]) -> Figure:
     clients = sorted({c for r in rounds for c in r.get("epsilon", {})})
     for client in clients:
         points = [(r["round"], float(r["epsilon"][client])) for r in rounds if client in r.get("epsilon", {})]
-        ax.plot(*zip(*points), marker="o", label=client)
+        ax.plot(*zip(*points, strict=True), marker="o", label=client)
     _round_axis(ax)
     ax.set_ylabel("epsilon (record level)")
     ax.set_title("Each client's epsilon after the round")

@@ -128,7 +128,8 @@ def main(grid: Grid, context: Context) -> None:
             # The stop came between the checkpoint and the round's outputs: write them now.
             evaluate_state(resumed.completed_round, dict(resumed.adapter))
         if resumed is not None and resumed.report["run"]["stopped"]:
-            log(INFO, "fed-dp-lora: the run had stopped early (%s); nothing to resume", resumed.report["run"]["stopped"])
+            log(INFO, "fed-dp-lora: the run had stopped early (%s); nothing to resume",
+                resumed.report["run"]["stopped"])
         else:
             run_rounds(strategy, grid, ArrayRecord(start_arrays), range(first, rounds + 1),
                        ConfigRecord({"study-id": report.run["study"]}), float(cfg.strategy.round_timeout),

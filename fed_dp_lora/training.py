@@ -8,7 +8,6 @@ by the number of tokens in the batch, so clipping never bites).
 from __future__ import annotations
 
 import contextlib
-
 import math
 import secrets
 from dataclasses import dataclass
@@ -107,7 +106,7 @@ def encode(table: pd.DataFrame, tokenizer: PreTrainedTokenizerBase, cfg: DictCon
         )
         labels = torch.tensor(table["label"].to_numpy(), dtype=torch.long)
         return Encoded(enc["input_ids"], enc["attention_mask"], labels, int(tokenizer.pad_token_id))
-    rows = [_prompt_response_ids(p, r, tokenizer) for p, r in zip(table["prompt"], table["response"])]
+    rows = [_prompt_response_ids(p, r, tokenizer) for p, r in zip(table["prompt"], table["response"], strict=True)]
     ids = torch.full((len(rows), max_length), tokenizer.pad_token_id, dtype=torch.long)
     mask = torch.zeros((len(rows), max_length), dtype=torch.long)
     labels = torch.full((len(rows), max_length), IGNORE, dtype=torch.long)

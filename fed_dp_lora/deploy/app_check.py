@@ -25,11 +25,12 @@ import importlib.util
 import io
 import json
 import re
-import tomllib
 import zipfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+
+import tomllib
 
 MANIFEST = ".info/CONTENT"  # Flower's list of the bundle's files and hashes: derived, not compared
 PYPROJECT = "pyproject.toml"

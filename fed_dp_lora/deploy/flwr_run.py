@@ -19,10 +19,10 @@ import json
 import re
 import subprocess
 import sys
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
+import tomllib
 from flwr.common.config import parse_config_args
 
 from fed_dp_lora.config import ConfigError, load_config

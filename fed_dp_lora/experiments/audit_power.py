@@ -12,8 +12,9 @@ and ClientApps), client 0 audited with Dirac gradient canaries in its DP steps.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from omegaconf import DictConfig
 

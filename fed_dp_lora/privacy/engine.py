@@ -46,6 +46,10 @@ class GradientEngine:
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.expected_batch_size = expected_batch_size
         self.extra = extra
+        self.sampling: torch.Generator | None = None  # the round's batch-sampling stream (client_round)
+
+    def verify_coverage(self, per_sample_losses: torch.Tensor) -> None:
+        """Nothing to verify: non-private gradients need no per-record coverage."""
 
     def backward(self, per_sample_losses: torch.Tensor, weights: torch.Tensor | None = None) -> None:
         """Backprop the (weighted) sum of per-record losses over the expected batch size.
@@ -59,7 +63,7 @@ class GradientEngine:
     def finalize(self, batch_size: int) -> bool:
         """Make p.grad ready for optimizer.step(); False means skip the step."""
         extra = self.extra.step_sum(self.params) if self.extra is not None else None
-        for p, e in zip(self.params, extra or ()):
+        for p, e in zip(self.params, extra or (), strict=extra is not None):
             e = e.div(self.expected_batch_size).view_as(p).to(p.device, p.dtype)
             p.grad = e if p.grad is None else p.grad.add_(e)
         return batch_size > 0 or extra is not None
@@ -155,7 +159,7 @@ class PrivateGradientEngine(GradientEngine):
             keep &= weights > 0
         factors = torch.where(keep, factors, torch.zeros_like(factors))
         sums = [factors @ torch.where(keep[:, None], g.float(), 0.0) for g in flat]
-        self._sums = sums if self._sums is None else [a.add_(b) for a, b in zip(self._sums, sums)]
+        self._sums = sums if self._sums is None else [a.add_(b) for a, b in zip(self._sums, sums, strict=True)]
         records = norms if weights is None else norms[weights > 0]
         self._norms.append(records.detach())
 
@@ -164,7 +168,7 @@ class PrivateGradientEngine(GradientEngine):
         from one backward of the summed losses; raises CoverageError if one is missing."""
         if self._fused is not None:
             for p in self._fused.params:  # .grad_sample accumulates: start from nothing
-                p.grad_sample = None
+                p.grad_sample = None  # type: ignore[attr-defined]  # Opacus' convention
         per_sample_losses.sum().backward()
         return self._per_sample_grads(per_sample_losses.shape[0])
 
@@ -190,7 +194,7 @@ class PrivateGradientEngine(GradientEngine):
                     "a layer type Opacus supports (Linear, Embedding, LayerNorm, Conv)"
                 )
             grads.append(gs.reshape(batch_size, -1))  # a view: grad_sample is contiguous
-            p.grad_sample = None
+            p.grad_sample = None  # type: ignore[attr-defined]
             p.grad = None
         return grads
 
@@ -212,10 +216,10 @@ class PrivateGradientEngine(GradientEngine):
         sums = self._sums or [torch.zeros(p.numel(), device=p.device) for p in self.params]
         extra = self.extra.step_sum(self.params) if self.extra is not None else None
         if extra is not None:  # before the noise: these records get the same mechanism as real ones
-            sums = [s + e.to(s.device) for s, e in zip(sums, extra)]
+            sums = [s + e.to(s.device) for s, e in zip(sums, extra, strict=True)]
         self._sums, self._norms = None, []
         std = self.noise_multiplier * self.clip_norm
-        for p, s in zip(self.params, sums):
+        for p, s in zip(self.params, sums, strict=True):
             noise = torch.normal(0.0, std, size=s.shape, device=s.device, generator=self.generator)
             p.grad = noise.add_(s).div_(self.expected_batch_size).view_as(p).to(p.dtype)
         return True
@@ -225,5 +229,5 @@ class PrivateGradientEngine(GradientEngine):
         if self._fused is not None:
             self._fused.remove()
             self._fused = None
-        else:
+        elif isinstance(self.module, GradSampleModule):
             self.module._close()

@@ -8,18 +8,19 @@ and bytes on the wire are reported each round.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from logging import INFO, WARNING
-from typing import Callable, Iterable
+from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
+from fed_dp_lora.reply import Refusal
 from fed_dp_lora.report import RunReport
 from fed_dp_lora.strategies.names import NodeNames
-from fed_dp_lora.reply import Refusal
-from fed_dp_lora.wire import INT8_UPDATE, UPLOAD_KEY, decode_int8_update, payload_bytes, update_problem
+from fed_dp_lora.wire import INT8_UPDATE, UPLOAD_KEY, decode_int8_update, payload_bytes, scalar, update_problem
 
 
 def _last_line(reason: str | None) -> str:
@@ -32,14 +33,14 @@ def _train_metrics(records: list[RecordDict], weighted_by_key: str) -> MetricRec
     """The largest client epsilon (a mean epsilon means nothing). Clients send no training loss:
     it is computed from their records without noise, so it stays in their local logs."""
     metrics = [r.metric_records["metrics"] for r in records]
-    out: dict[str, float] = {"clients": float(len(metrics))}
-    eps = [float(m["epsilon"]) for m in metrics if "epsilon" in m]
+    out: dict[str, Any] = {"clients": float(len(metrics))}
+    eps = [scalar(m["epsilon"]) for m in metrics if "epsilon" in m]
     if eps:
         out["epsilon-max"] = max(eps)
     return MetricRecord(out)
 
 
-class CheckedAggregation:
+class CheckedAggregation(FedAvg):
     """Put in front of a Flower strategy (first base class): screen every reply, then aggregate.
 
     Errors and malformed updates (wrong keys or shapes, NaN/Inf, absurd norms) are recorded
@@ -113,7 +114,7 @@ class CheckedAggregation:
             problem = "reply without arrays or metrics" if arrays is None or metrics is None else None
             sent_bytes = 0 if arrays is None else payload_bytes(arrays)
             upload = reply.content.config_records.get(UPLOAD_KEY)
-            if problem is None and upload is not None and reference is not None:
+            if arrays is not None and metrics is not None and upload is not None and reference is not None:
                 decoded = decode_int8_update(arrays, reference) if upload.get("encoding") == INT8_UPDATE \
                     else f"unknown upload encoding {upload.get('encoding')!r}"
                 if isinstance(decoded, str):
@@ -121,26 +122,26 @@ class CheckedAggregation:
                 else:  # from here on the reply carries the adapter, as every strategy expects
                     arrays = decoded
                     reply.content = RecordDict({"arrays": arrays, "metrics": metrics})
-            if problem is None and reference is not None:
+            if problem is None and arrays is not None and reference is not None:
                 problem = update_problem(arrays, reference)
-            if problem is not None:
+            if problem is not None or arrays is None or metrics is None:
                 failures[name] = f"rejected: {problem}"
                 log(WARNING, "Round %d: rejected update from %s (node %d): %s",
                     server_round, name, reply.metadata.src_node_id, problem)
                 continue
             bytes_up += sent_bytes
-            clients[name] = {k: float(v) for k, v in metrics.items()}
+            clients[name] = {k: scalar(v) for k, v in metrics.items()}
             if self.release_observer is not None and reference is not None:
                 self.release_observer(server_round, metrics, arrays, reference)
             accepted.append(reply)
         # Flower's aggregation refuses replies whose metrics differ in keys: keep the common ones
         # (the report above has every client's full metrics), so one odd reply cannot stop a round.
-        common = set.intersection(*(set(r.content["metrics"].keys()) for r in accepted)) if accepted else set()
-        for reply in accepted:
-            metrics = reply.content["metrics"]
-            if set(metrics.keys()) != common:
-                reply.content = RecordDict({"arrays": reply.content["arrays"],
-                                            "metrics": MetricRecord({k: metrics[k] for k in common})})
+        kept = [r.content.metric_records["metrics"] for r in accepted]
+        common = set.intersection(*(set(m.keys()) for m in kept)) if kept else set()
+        for reply, all_metrics in zip(accepted, kept, strict=True):
+            if set(all_metrics.keys()) != common:
+                reply.content = RecordDict({"arrays": reply.content.array_records["arrays"],
+                                            "metrics": MetricRecord({k: all_metrics[k] for k in common})})
         bytes_down = payload_bytes(reference) * sent_to if reference is not None else 0
         minimum = int(self.min_train_nodes)
         if enforce_minimum and len(accepted) < minimum:
@@ -161,7 +162,7 @@ class CheckedAggregation:
         accepted = self.screen(server_round, list(replies))
         if not accepted:
             return None, None
-        return super().aggregate_train(server_round, accepted)  # type: ignore[misc]
+        return super().aggregate_train(server_round, accepted)
 
 
 class AdapterFedAvg(CheckedAggregation, FedAvg):

@@ -29,8 +29,9 @@ function clips on the clients under SecAgg+.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from logging import INFO, WARNING
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
@@ -118,15 +119,33 @@ class UserLevelDP:
     # -- planning (first round) -----------------------------------------------------------
 
     @property
+    def _rate(self) -> float:
+        if self.sample_rate is None:
+            raise ConfigError("strategy.sample_rate: Poisson client sampling needs a rate. Fix: set it in (0, 1]")
+        return float(self.sample_rate)
+
+    @property
+    def _budget(self) -> float:
+        if self.budget is None:
+            raise ConfigError("strategy.epsilon: calibrating the noise needs a budget. Fix: set strategy.epsilon "
+                              "or strategy.noise_multiplier")
+        return float(self.budget)
+
+    @property
+    def _count_stddev(self) -> float:
+        assert self.clipped_count_stddev is not None, "plan() sets it before adaptive clipping runs"
+        return float(self.clipped_count_stddev)
+
+    @property
     def accounted_rate(self) -> float:
         """q for the accountant: the Poisson rate, or 1 (no amplification) for fixed-size samples."""
-        return float(self.sample_rate) if self.sampling == "poisson" else 1.0
+        return self._rate if self.sampling == "poisson" else 1.0
 
     def denominator(self) -> float:
         """Fixed divisor of the noisy sum: the expected number of sampled clients."""
         assert self.population is not None
         if self.sampling == "poisson":
-            return float(self.sample_rate) * self.population
+            return self._rate * self.population
         return float(max(int(self.population * self.fraction), self.min_clients))
 
     def plan(self, population: int) -> None:
@@ -144,7 +163,7 @@ class UserLevelDP:
         self.ledger = PrivacyLedger("rdp", delta)
         if self.noise_multiplier is None:
             self.noise_multiplier = calibrate_noise(
-                float(self.budget), delta, self.accounted_rate, self.rounds, "rdp"
+                self._budget, delta, self.accounted_rate, self.rounds, "rdp"
             )
             log(INFO, "DP-FedAvg: noise multiplier %.4f calibrated for user-level epsilon %g over %d rounds",
                 self.noise_multiplier, self.budget, self.rounds)
@@ -162,7 +181,7 @@ class UserLevelDP:
         assert self.noise_multiplier is not None
         if not self.adaptive:
             return self.noise_multiplier
-        return adaptive_noise_multiplier(self.noise_multiplier, float(self.clipped_count_stddev))
+        return adaptive_noise_multiplier(self.noise_multiplier, self._count_stddev)
 
     def budget_problem(self) -> str | None:
         """Why the next round may not run (its release would exceed the user-level budget)."""
@@ -170,7 +189,7 @@ class UserLevelDP:
         if self.budget is None:
             return None
         after = self.ledger.epsilon((self.noise_multiplier, self.accounted_rate, 1))
-        if after > float(self.budget) * (1 + 1e-9):
+        if after > self._budget * (1 + 1e-9):
             return (f"user-level budget: epsilon would reach {after:.3f} > strategy.epsilon={self.budget:g}; "
                     "no further round is run")
         return None
@@ -178,7 +197,7 @@ class UserLevelDP:
     def sample(self, nodes: list[int]) -> list[int]:
         """Poisson: each node independently with probability q; fraction: a fixed-size sample."""
         if self.sampling == "poisson":
-            return [n for n in nodes if self._np_rng.random() < float(self.sample_rate)]
+            return [n for n in nodes if self._np_rng.random() < self._rate]
         size = min(len(nodes), int(self.denominator()))
         return [nodes[i] for i in sorted(self._np_rng.choice(len(nodes), size=size, replace=False))]
 
@@ -215,7 +234,7 @@ class UserLevelDP:
         if self.adaptive and unclipped_count is not None:
             # Centred bits (b - 1/2): one client moves the sum by at most 1/2.
             noisy = (unclipped_count - num_contributions / 2.0
-                     + self._np_rng.normal(0.0, float(self.clipped_count_stddev)))
+                     + self._np_rng.normal(0.0, self._count_stddev))
             unclipped_fraction = noisy / denominator + 0.5
             self.clip_norm *= math.exp(-self.clip_lr * (unclipped_fraction - self.target_quantile))
             info.update({"noisy_unclipped_fraction": unclipped_fraction, "next_clip_norm": self.clip_norm})
@@ -298,12 +317,13 @@ class AdapterDPFedAvg(CheckedAggregation, FedAvg):
             return None, None
         # Dropped and rejected clients count as zero against the fixed denominator: no minimum.
         accepted = self.screen(server_round, list(replies), enforce_minimum=False)
+        assert self._sent is not None, "configure_train ran first"
         reference = self._sent[0]
         global_arrays = {k: v.numpy() for k, v in reference.items()}
         clipped_sum = {k: np.zeros(v.shape, dtype=np.float64) for k, v in global_arrays.items()}
         unclipped = 0
         for reply in accepted:
-            arrays = reply.content[self.arrayrecord_key]
+            arrays = reply.content.array_records[self.arrayrecord_key]
             update = {k: arrays[k].numpy().astype(np.float64) - global_arrays[k] for k in global_arrays}
             clipped, norm = clip_update(update, self.dp.clip_norm)
             unclipped += int(norm <= self.dp.clip_norm)

@@ -20,8 +20,8 @@ not factor back into rank-r A and B. Consequences, tested in tests/strategies/te
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from logging import WARNING
-from typing import Iterable
 
 from flwr.app import ArrayRecord, Message, MetricRecord
 from flwr.common.logger import log

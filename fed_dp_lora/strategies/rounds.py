@@ -10,8 +10,8 @@ phase to run.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from logging import INFO, WARNING
-from typing import Callable
 
 from flwr.app import ArrayRecord, ConfigRecord
 from flwr.common.logger import log

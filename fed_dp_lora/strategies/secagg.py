@@ -20,8 +20,8 @@ robustly (config.py refuses that combination).
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from logging import INFO, WARNING
-from typing import Callable
 
 import numpy as np
 import torch
@@ -103,12 +103,12 @@ class SecAggAdapterStrategy(LegacyFedAvg):
     def configure_fit(
         self, server_round: int, parameters: Parameters, client_manager: ClientManager
     ) -> list[tuple[ClientProxy, FitIns]]:
-        client_manager.wait_for(self.min_available_clients)
+        client_manager.wait_for(self.min_available_clients, timeout=86400)  # Flower's default wait
         proxies = {p.node_id: p for p in client_manager.all().values()}
         if self.grid is not None:
             self.names.refresh(self.grid)
             self.report.run["nodes"] = self.names.table()
-        self._global = dict(zip(self.keys, parameters_to_ndarrays(parameters)))
+        self._global = dict(zip(self.keys, parameters_to_ndarrays(parameters), strict=True))
         config: dict[str, Scalar] = {SECAGG_KEYS: "\n".join(self.keys), "server-round": server_round,
                                       "study-id": self.study}
         if self.dp is not None:
@@ -138,7 +138,8 @@ class SecAggAdapterStrategy(LegacyFedAvg):
         returned: set[int] = set()
         for proxy, fitres in results:
             metrics = {k: float(v) for k, v in fitres.metrics.items()}
-            name = f"client-{int(metrics['partition-id'])}" if "partition-id" in metrics else self.names.of(proxy.node_id)
+            simulated = "partition-id" in metrics
+            name = f"client-{int(metrics['partition-id'])}" if simulated else self.names.of(proxy.node_id)
             clients[name] = metrics
             returned.add(proxy.node_id)
         missing = {self.names.of(n): "dropped out of secure aggregation (no masked update)"
@@ -150,7 +151,7 @@ class SecAggAdapterStrategy(LegacyFedAvg):
         self.report.record_train(server_round, clients, missing, size * len(results), down)
         if not results:
             return None, {}
-        mean = dict(zip(self.keys, parameters_to_ndarrays(results[0][1].parameters)))
+        mean = dict(zip(self.keys, parameters_to_ndarrays(results[0][1].parameters), strict=True))
         if self.dp is not None:
             clipped_sum = {k: v.astype(np.float64) * len(results) for k, v in mean.items()}
             new = self.dp.release(server_round, self._global, clipped_sum, len(results), None, len(self._sampled))
@@ -164,15 +165,16 @@ class SecAggAdapterStrategy(LegacyFedAvg):
             return None, {}
         log(INFO, "Round %d: SecAgg+ aggregate of %d masked updates", server_round, len(results))
         eps = [m["epsilon"] for m in clients.values() if "epsilon" in m]
-        metrics = {"clients": float(len(clients)), **({"epsilon-max": max(eps)} if eps else {})}
-        return ndarrays_to_parameters([new[k] for k in self.keys]), metrics
+        aggregated: dict[str, Scalar] = {"clients": float(len(clients)), **({"epsilon-max": max(eps)} if eps else {})}
+        return ndarrays_to_parameters([new[k] for k in self.keys]), aggregated
 
     def evaluate(self, server_round: int, parameters: Parameters) -> tuple[float, dict[str, Scalar]] | None:
         if server_round > 0 and not any(r["round"] == server_round for r in self.report.rounds):
             # The workflow halted before aggregate_fit (too few clients or shares left).
             self.report.record_train(server_round, {}, {"server": "secure aggregation halted: fewer than 2 "
                                      "clients sampled, or too few left for the reconstruction threshold"}, 0, 0)
-        state = {k: torch.from_numpy(a.copy()) for k, a in zip(self.keys, parameters_to_ndarrays(parameters))}
+        arrays = parameters_to_ndarrays(parameters)
+        state = {k: torch.from_numpy(a.copy()) for k, a in zip(self.keys, arrays, strict=True)}
         metrics = self.evaluate_state(server_round, state)
         return None if metrics is None else (float(metrics.get("loss", 0.0)), dict(metrics))
 
