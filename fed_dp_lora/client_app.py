@@ -13,8 +13,6 @@ from typing import Any
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
-from flwr.clientapp.typing import ClientAppCallable
-from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 from omegaconf import DictConfig
 
 from fed_dp_lora import local_log
@@ -22,6 +20,7 @@ from fed_dp_lora.attacks import attack, is_malicious
 from fed_dp_lora.client_round import InputRefused, Released, RoundRequest, train_round
 from fed_dp_lora.config import ConfigError, load_config
 from fed_dp_lora.data import DataError
+from fed_dp_lora.flower_internals import RECORD_KEY_CONFIGS, ClientAppCallable
 from fed_dp_lora.node_policy import PolicyError
 from fed_dp_lora.privacy.accountant import BudgetExceeded
 from fed_dp_lora.privacy.institution_ledger import InstitutionLedger

@@ -6,19 +6,19 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fed_dp_lora.files import write_atomic
 from fed_dp_lora.privacy.accountant import ACCOUNTANT_NAMES
+from fed_dp_lora.privacy.user_level import USER_PRIVACY_UNIT
+
+if TYPE_CHECKING:  # the report records what the strategies return; it never imports them at run time
+    from fed_dp_lora.strategies.outcome import RoundOutcome
 
 PRIVACY_UNIT = "record: one row (one sequence) of one client's data; epsilon is per client"
 RELATION = ("add/remove one record of one institution (its record count is private: sampling rate, steps, "
             "delta and aggregation weights come from the count it declares publicly, node-config `records`)")
 REPLY = "only the keys of fed_dp_lora/reply.py: the adapter, public or accounted metrics, fixed error texts"
-USER_PRIVACY_UNIT = (
-    "client: one institution's whole contribution (all its records, every round); neighbouring "
-    "runs differ by one client's update being replaced by none"
-)
 
 SECRET_NOISE = "a secret key per client and run (never sent): nobody else can reproduce the noise"
 SEEDED_NOISE = ("derived from the run's `seed` (privacy.seeded_noise=true): reproducible, so the guarantee "
@@ -56,6 +56,21 @@ class RunReport:
         self.user_level = state["user_level"]
         self.run = dict(state["run"])
         self.started = time.time() - float(state["elapsed"])  # `seconds` counts running time only
+
+    def record_round(self, outcome: RoundOutcome) -> None:
+        """Everything an aggregator returned about one round (strategies/outcome.py)."""
+        self.record_train(outcome.server_round, outcome.clients, outcome.failures, outcome.bytes_up,
+                          outcome.bytes_down)
+        if outcome.strategy:
+            self.record_strategy(outcome.server_round, outcome.strategy)
+        if outcome.timing:
+            self.record_timing(outcome.server_round, outcome.timing)
+        if outcome.nodes is not None:
+            self.run["nodes"] = outcome.nodes
+        if outcome.user_level is not None:
+            self.user_level = outcome.user_level
+        if outcome.stop_reason is not None:
+            self.run["stopped"] = outcome.stop_reason
 
     def record_train(
         self,

@@ -6,8 +6,8 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord, RecordDict
 from flwr.common import Code, FitRes, Scalar, Status, ndarrays_to_parameters, parameters_to_ndarrays
-from flwr.compat.common import recorddict_compat as compat
 
+from fed_dp_lora.flower_internals import recorddict_compat as compat
 from fed_dp_lora.privacy.user_level import clip_update
 
 

@@ -66,7 +66,7 @@ def test_real_attacking_client_is_rejected_by_the_server(tmp_path, tiny_models, 
     }
     grid = InProcessGrid({n: (lambda msg, c=c: client_app(msg, c)) for n, c in contexts.items()})
     report = RunReport(tmp_path, to_plain(cfg))
-    run_strategy(build_strategy(cfg, report), grid, trainable_state(cached_model(cfg)))
+    run_strategy(build_strategy(cfg), grid, trainable_state(cached_model(cfg)), report)
     entry = report.rounds[0]
     assert set(entry["clients"]) == {"client-1"}
     assert list(entry["failures"]) == ["client-0"] and reason in entry["failures"]["client-0"]

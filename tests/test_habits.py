@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import subprocess
 import sys
 from pathlib import Path
@@ -23,3 +24,31 @@ def test_mypy_finds_nothing_in_the_package():
     done = _run("mypy")  # `packages` in pyproject.toml: fed_dp_lora
     assert done.returncode == 0, done.stdout + done.stderr
 
+
+# Flower's public API: what these packages export at their top. Deeper modules change without
+# notice; only fed_dp_lora/flower_internals.py may import from them.
+FLOWER_PUBLIC = {"flwr.app", "flwr.serverapp", "flwr.serverapp.strategy", "flwr.clientapp", "flwr.client.mod",
+                 "flwr.common", "flwr.server", "flwr.server.strategy", "flwr.server.workflow"}
+
+
+def flower_internal_imports() -> list[str]:
+    """'path:line module' for every import of a non-public Flower module outside flower_internals.py."""
+    found = []
+    for path in sorted((ROOT / "fed_dp_lora").rglob("*.py")):
+        relative = path.relative_to(ROOT).as_posix()
+        if relative == "fed_dp_lora/flower_internals.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), relative)):
+            if isinstance(node, ast.ImportFrom) and node.level == 0:
+                modules = [node.module or ""]
+            elif isinstance(node, ast.Import):
+                modules = [alias.name for alias in node.names]
+            else:
+                continue
+            found += [f"{relative}:{node.lineno} {m}" for m in modules
+                      if (m == "flwr" or m.startswith("flwr.")) and m not in FLOWER_PUBLIC]
+    return found
+
+
+def test_flower_internals_are_imported_in_one_module_only():
+    assert flower_internal_imports() == []

@@ -1,4 +1,4 @@
-"""Every Flower 1.41 internal the launcher touches, in one place.
+"""What the launcher changes in Flower 1.41's runtime, and why (the names come from flower_internals.py).
 
 Why we touch them: with `flower-supernode --isolation process` the SuperNode leaves ClientApp
 tasks to whatever polls its Runtime API; Flower's poller (`flower-superexec`) starts a fresh
@@ -38,18 +38,21 @@ from logging import ERROR, INFO, WARNING
 from pathlib import Path
 from typing import Any, NoReturn
 
-import flwr.supercore.superexec.run_superexec as flower_superexec
-import flwr.supernode.runtime.run_clientapp as flower_clientapp
 from flwr.app import Context, Error, Message
 from flwr.clientapp import ClientApp
-from flwr.supercore import log
-from flwr.supercore.constant import TaskType
-from flwr.supercore.exit import exit_handler as flower_exit_handlers
-from flwr.supercore.superexec.executor import ExecutionSpec, LaunchResult
-from flwr.supercore.task_identity import TaskIdentity
-from flwr.supercore.tls import validate_and_resolve_root_certificates
+from flwr.common import log
 
 from fed_dp_lora.deploy.app_check import AppPolicy, Verdict
+from fed_dp_lora.flower_internals import (
+    ExecutionSpec,
+    LaunchResult,
+    TaskIdentity,
+    TaskType,
+    flower_clientapp,
+    flower_exit_handlers,
+    flower_superexec,
+    validate_and_resolve_root_certificates,
+)
 from fed_dp_lora.reply import REFUSAL_TEXT, Refusal
 
 # The one text the server sees for a refused bundle; the differences stay in the local log.

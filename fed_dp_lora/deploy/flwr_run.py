@@ -23,10 +23,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import tomllib
-from flwr.common.config import parse_config_args
 
 from fed_dp_lora.config import ConfigError, load_config
 from fed_dp_lora.data import label_names
+from fed_dp_lora.flower_internals import parse_config_args
 
 STARTED = re.compile(r"Successfully started run (\d+)")
 # The exception line that ends a traceback, e.g. "fed_dp_lora.config.ConfigError: data.labels: ...".

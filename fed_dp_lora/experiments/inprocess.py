@@ -86,9 +86,7 @@ def run_federation(overrides: str, num_clients: int, output_dir: Path, resume: b
 
     Each call is a new run (fresh client contexts), as a restarted `flwr run` is.
     """
-    from flwr.supercore.run import Run
-    from flwr.supercore.task_identity import TaskIdentity
-
+    from fed_dp_lora.flower_internals import Run, TaskIdentity
     from fed_dp_lora.server_app import main
 
     # Messages built outside the runtime take their ids from TaskIdentity (internal API).

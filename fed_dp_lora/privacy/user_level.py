@@ -13,6 +13,11 @@ from collections.abc import Mapping
 
 import numpy as np
 
+USER_PRIVACY_UNIT = (
+    "client: one institution's whole contribution (all its records, every round); neighbouring "
+    "runs differ by one client's update being replaced by none"
+)
+
 
 def update_norm(update: Mapping[str, np.ndarray]) -> float:
     """L2 norm of a whole update, all tensors flattened together."""

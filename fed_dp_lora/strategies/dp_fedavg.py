@@ -34,17 +34,17 @@ from logging import INFO, WARNING
 from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
-from flwr.common.logger import log
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
-from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
 from fed_dp_lora.config import ConfigError
+from fed_dp_lora.flower_internals import sample_nodes
 from fed_dp_lora.privacy.accountant import ACCOUNTANT_NAMES, PrivacyLedger, calibrate_noise
-from fed_dp_lora.privacy.user_level import adaptive_noise_multiplier, clip_update
-from fed_dp_lora.report import USER_PRIVACY_UNIT, RunReport
+from fed_dp_lora.privacy.user_level import USER_PRIVACY_UNIT, adaptive_noise_multiplier, clip_update
 from fed_dp_lora.strategies.averaging import CheckedAggregation
+from fed_dp_lora.strategies.outcome import RoundOutcome
 
 
 class UserLevelDP:
@@ -56,7 +56,6 @@ class UserLevelDP:
 
     def __init__(
         self,
-        report: RunReport,
         *,
         clip_norm: float,
         noise_multiplier: float | None,
@@ -72,7 +71,6 @@ class UserLevelDP:
         clip_lr: float = 0.2,
         clipped_count_stddev: float | None = None,
     ) -> None:
-        self.report = report
         self.clip_norm = clip_norm
         self.noise_multiplier = noise_multiplier
         self.budget = epsilon
@@ -113,8 +111,6 @@ class UserLevelDP:
         self.clipped_count_stddev = state["clipped_count_stddev"]
         self.ledger = None if state["ledger"] is None else PrivacyLedger.from_dict(state["ledger"])
         self._np_rng.bit_generator.state = state["rng"]
-        if self.ledger is not None:
-            self.report.user_level = self.summary()
 
     # -- planning (first round) -----------------------------------------------------------
 
@@ -211,8 +207,8 @@ class UserLevelDP:
         num_contributions: int,
         unclipped_count: int | None,
         sampled: int,
-    ) -> dict[str, np.ndarray]:
-        """global + (sum + N(0, (z_u C)^2)) / D; then account the round and adapt C."""
+    ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        """(global + (sum + N(0, (z_u C)^2)) / D, what was applied); then account the round and adapt C."""
         assert self.noise_multiplier is not None and self.ledger is not None
         denominator = self.denominator()
         std_sum = self.update_noise_multiplier() * self.clip_norm
@@ -241,11 +237,9 @@ class UserLevelDP:
         self.clip_history.append(used_clip)
         self.ledger.record(self.noise_multiplier, self.accounted_rate, 1)
         info["user_epsilon"] = self.ledger.epsilon()
-        self.report.record_strategy(server_round, info)
-        self.report.user_level = self.summary()
         log(INFO, "Round %d: DP-FedAvg clip=%.4g noise std (mean)=%.4g user epsilon=%.4f",
             server_round, used_clip, std_sum / denominator, info["user_epsilon"])
-        return new
+        return new, info
 
     def summary(self) -> dict[str, Any]:
         assert self.ledger is not None
@@ -275,8 +269,8 @@ class UserLevelDP:
 class AdapterDPFedAvg(CheckedAggregation, FedAvg):
     """DP-FedAvg with server-side clipping of every accepted update (see module docstring)."""
 
-    def __init__(self, report: RunReport, dp: UserLevelDP, **kwargs) -> None:
-        super().__init__(report, **kwargs)
+    def __init__(self, dp: UserLevelDP, **kwargs) -> None:
+        super().__init__(**kwargs)
         self.dp = dp
         self._skip_reason: str | None = None
         self._sampled = 0
@@ -290,6 +284,7 @@ class AdapterDPFedAvg(CheckedAggregation, FedAvg):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
+        self.names.refresh(grid)
         _, nodes = sample_nodes(grid, self.min_available_nodes, 0)
         self.dp.plan(len(nodes))
         self._sent = (arrays, 0)
@@ -309,17 +304,27 @@ class AdapterDPFedAvg(CheckedAggregation, FedAvg):
         self._outgoing = messages
         return messages
 
-    def aggregate_train(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+    def aggregate_round(self, server_round: int, replies: Iterable[Message]) -> RoundOutcome:
         if self._skip_reason is not None:
-            self.report.record_train(server_round, {}, {"server": self._skip_reason}, 0, 0)
-            return None, None
+            return RoundOutcome(server_round, failures={"server": self._skip_reason}, stop_reason=self.stop_reason)
         # Dropped and rejected clients count as zero against the fixed denominator: no minimum.
-        accepted = self.screen(server_round, list(replies), enforce_minimum=False)
+        accepted, outcome = self.screen(server_round, list(replies), enforce_minimum=False)
         assert self._sent is not None, "configure_train ran first"
-        reference = self._sent[0]
-        global_arrays = {k: v.numpy() for k, v in reference.items()}
+        global_arrays = {k: v.numpy() for k, v in self._sent[0].items()}
+        clipped_sum, unclipped = self._clipped_sum(accepted, global_arrays)
+        new, outcome.strategy = self.dp.release(server_round, global_arrays, clipped_sum, len(accepted),
+                                                unclipped, self._sampled)
+        outcome.user_level = self.dp.summary()
+        outcome.arrays = ArrayRecord({k: Array(v) for k, v in new.items()})
+        outcome.metrics = (self.train_metrics_aggr_fn([r.content for r in accepted], self.weighted_by_key)
+                           if accepted else None)
+        outcome.stop_reason = self.stop_reason
+        return outcome
+
+    def _clipped_sum(
+        self, accepted: list[Message], global_arrays: dict[str, np.ndarray]
+    ) -> tuple[dict[str, np.ndarray], int]:
+        """(sum of the accepted updates, each clipped to C in float64; how many were within C)."""
         clipped_sum = {k: np.zeros(v.shape, dtype=np.float64) for k, v in global_arrays.items()}
         unclipped = 0
         for reply in accepted:
@@ -329,8 +334,4 @@ class AdapterDPFedAvg(CheckedAggregation, FedAvg):
             unclipped += int(norm <= self.dp.clip_norm)
             for k in clipped_sum:
                 clipped_sum[k] += clipped[k]
-        new = self.dp.release(server_round, global_arrays, clipped_sum, len(accepted),
-                              unclipped, self._sampled)
-        metrics = (self.train_metrics_aggr_fn([r.content for r in accepted], self.weighted_by_key)
-                   if accepted else None)
-        return ArrayRecord({k: Array(v) for k, v in new.items()}), metrics
+        return clipped_sum, unclipped
