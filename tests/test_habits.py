@@ -25,6 +25,37 @@ def test_mypy_finds_nothing_in_the_package():
     assert done.returncode == 0, done.stdout + done.stderr
 
 
+MAX_FUNCTION_LINES = 50
+# Temporary: branch house-config rewrites config.py as structured configs (its `validate` and
+# `_validate_strategy` are the long ones); remove this exclusion when that branch lands.
+NOT_YET_MEASURED = {"fed_dp_lora/config.py"}
+
+
+def long_functions(limit: int = MAX_FUNCTION_LINES) -> list[str]:
+    """'path:line name (n lines)' for every function of the package longer than `limit`,
+    decorators and docstring included."""
+    found = []
+    for path in sorted((ROOT / "fed_dp_lora").rglob("*.py")):
+        relative = path.relative_to(ROOT).as_posix()
+        if relative in NOT_YET_MEASURED:
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), relative)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                start = min([node.lineno, *(d.lineno for d in node.decorator_list)])
+                lines = (node.end_lineno or node.lineno) - start + 1
+                if lines > limit:
+                    found.append(f"{relative}:{node.lineno} {node.name} ({lines} lines)")
+    return found
+
+
+def test_no_function_is_longer_than_fifty_lines():
+    assert long_functions() == []
+
+
+def test_the_length_check_sees_long_functions():
+    assert long_functions(limit=5), "a limit of 5 lines must flag some function: the walk found none"
+
+
 # Flower's public API: what these packages export at their top. Deeper modules change without
 # notice; only fed_dp_lora/flower_internals.py may import from them.
 FLOWER_PUBLIC = {"flwr.app", "flwr.serverapp", "flwr.serverapp.strategy", "flwr.clientapp", "flwr.client.mod",

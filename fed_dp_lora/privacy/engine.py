@@ -36,6 +36,28 @@ class StepExtra(Protocol):
     def step_sum(self, params: list[nn.Parameter]) -> list[torch.Tensor] | None: ...
 
 
+def per_sample_path(model: nn.Module, per_sample: str) -> str:
+    """"fused" or "opacus": the path that gives every trainable tensor of `model` per-sample
+    gradients, as `per_sample` asks; CoverageError when the asked path cannot."""
+    if per_sample not in PER_SAMPLE_MODES:
+        raise ValueError(f"per_sample must be one of {PER_SAMPLE_MODES}, not {per_sample!r}")
+    uncovered = fused.uncovered_parameters(model) if per_sample != "opacus" else []
+    if per_sample == "fused" and uncovered:
+        raise CoverageError(
+            f"per_sample='fused': trainable tensors {uncovered[:3]} are not in a plain "
+            "nn.Linear, so the fused path cannot give them per-sample gradients. Fix: use "
+            "per_sample='auto' or 'opacus', or freeze them"
+        )
+    checkpointing = any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
+    if checkpointing and (per_sample == "opacus" or uncovered):
+        raise CoverageError(
+            "gradient checkpointing needs the fused per-sample path (Opacus' hooks fail on the "
+            f"recomputed forward), and {'per_sample=opacus was asked' if not uncovered else uncovered[:3]} "
+            "Fix: train.gradient_checkpointing=false, or train only Linear layers"
+        )
+    return "opacus" if per_sample == "opacus" or uncovered else "fused"
+
+
 class GradientEngine:
     """Non-private gradients: the baseline through the same training code path."""
 
@@ -91,31 +113,14 @@ class PrivateGradientEngine(GradientEngine):
         is not in a plain nn.Linear), "opacus" (GradSampleModule hooks), or "auto" (fused when
         it covers every trainable tensor, else Opacus)."""
         super().__init__(model, expected_batch_size, extra)
-        if per_sample not in PER_SAMPLE_MODES:
-            raise ValueError(f"per_sample must be one of {PER_SAMPLE_MODES}, not {per_sample!r}")
         self.names = {p: n for n, p in model.named_parameters() if p.requires_grad}
-        uncovered = fused.uncovered_parameters(model) if per_sample != "opacus" else []
-        if per_sample == "fused" and uncovered:
-            raise CoverageError(
-                f"per_sample='fused': trainable tensors {uncovered[:3]} are not in a plain "
-                "nn.Linear, so the fused path cannot give them per-sample gradients. Fix: use "
-                "per_sample='auto' or 'opacus', or freeze them"
-            )
+        self.per_sample = per_sample_path(model, per_sample)
         self._fused: fused.FusedHandle | None = None
-        checkpointing = any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
-        if checkpointing and (per_sample == "opacus" or uncovered):
-            raise CoverageError(
-                "gradient checkpointing needs the fused per-sample path (Opacus' hooks fail on the "
-                f"recomputed forward), and {'per_sample=opacus was asked' if not uncovered else uncovered[:3]} "
-                "Fix: train.gradient_checkpointing=false, or train only Linear layers"
-            )
-        if per_sample == "opacus" or uncovered:
-            self.per_sample = "opacus"
+        if self.per_sample == "opacus":
             # loss_reduction="sum": we backprop the sum of per-sample losses, so grad_sample[i]
             # is exactly the gradient of record i's loss.
             self.module = GradSampleModule(model, batch_first=True, loss_reduction="sum", strict=True)
         else:
-            self.per_sample = "fused"
             self._fused = fused.attach(model)  # self.module stays the model itself
         self.clip_norm = clip_norm
         self.noise_multiplier = noise_multiplier
