@@ -13,6 +13,7 @@ from omegaconf import DictConfig
 
 from fed_dp_lora.config import ConfigError
 from fed_dp_lora.data import holdout_split, label_names, load_table
+from fed_dp_lora.files import write_dir_atomic
 from fed_dp_lora.models import build_model, load_tokenizer, load_trainable_state, trainable_state
 from fed_dp_lora.training import Encoded, encode, evaluate, majority_baseline, record_losses
 
@@ -99,5 +100,5 @@ class CentralEvaluator:
     def save_adapter(self, state: dict[str, torch.Tensor], folder: Path) -> None:
         """A PEFT adapter folder: PeftModel.from_pretrained(base, folder) loads it."""
         load_trainable_state(self.model, state)
-        self.model.save_pretrained(str(folder))
+        write_dir_atomic(folder, lambda tmp: self.model.save_pretrained(str(tmp)))
 
