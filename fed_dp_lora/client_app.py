@@ -16,12 +16,11 @@ from flwr.clientapp import ClientApp
 from omegaconf import DictConfig
 
 from fed_dp_lora import local_log
-from fed_dp_lora.attacks import attack, is_malicious
 from fed_dp_lora.client_round import InputRefused, Released, RoundRequest, train_round
 from fed_dp_lora.config import ConfigError, load_config
 from fed_dp_lora.data import DataError
 from fed_dp_lora.flower_internals import RECORD_KEY_CONFIGS, ClientAppCallable
-from fed_dp_lora.node_policy import PolicyError
+from fed_dp_lora.node_policy import PolicyError, is_simulated
 from fed_dp_lora.privacy.accountant import BudgetExceeded
 from fed_dp_lora.privacy.institution_ledger import InstitutionLedger
 from fed_dp_lora.privacy.ledger_store import LedgerError
@@ -52,6 +51,16 @@ def secagg_when_asked(msg: Message, context: Context, call_next: ClientAppCallab
     return call_next(msg, context)
 
 
+def simulation_only(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """The simulation's attack mod (attacks.py) for a simulated client; a deployed institution's
+    node never imports it, whatever the run config says."""
+    if not is_simulated(context.node_config):
+        return call_next(msg, context)
+    from fed_dp_lora.attacks import attack_mod
+
+    return attack_mod(msg, context, call_next)
+
+
 def refuse(msg: Message, code: Refusal, detail: str, context: Context, text: str | None = None) -> Message:
     """An error reply with a fixed text; the detail is logged where the institution reads it."""
     state_dir = context.node_config.get("state-dir")
@@ -61,7 +70,7 @@ def refuse(msg: Message, code: Refusal, detail: str, context: Context, text: str
     return Message(Error(code=int(code), reason=text or REFUSAL_TEXT[code]), reply_to=msg)
 
 
-@app.train(mods=[secagg_when_asked])
+@app.train(mods=[secagg_when_asked, simulation_only])
 def train(msg: Message, context: Context) -> Message:
     """One round of DP-SGD on this client's records; refusals become error replies."""
     try:
@@ -77,7 +86,7 @@ def train(msg: Message, context: Context) -> Message:
             # context.state outlives this process (deployment starts one per message) and holds
             # a second copy of the ledger, which must agree with the one on disk.
             context.state[LEDGER_KEY] = ConfigRecord(released.ledger.to_dict())
-        return Message(content=encode(cfg, context, request, released, secagg_config), reply_to=msg)
+        return Message(content=encode(cfg, request, released, secagg_config), reply_to=msg)
     except BaseException as err:  # noqa: BLE001 - every failure must become a fixed-text reply
         if not isinstance(err, Exception):
             raise
@@ -105,19 +114,13 @@ def decode(msg: Message, cfg: DictConfig, node_id: int) -> tuple[RoundRequest, d
         (config if cfg.secagg else None)
 
 
-def encode(cfg: DictConfig, context: Context, request: RoundRequest, released: Released,
-           secagg_config: dict | None) -> RecordDict:
+def encode(cfg: DictConfig, request: RoundRequest, released: Released, secagg_config: dict | None) -> RecordDict:
     """The reply's records: the update, the allowlisted metrics, and public node fields."""
     state = released.state
-    if not released.policy.deployment and is_malicious(cfg, context.node_config):
-        # A simulated attacker (never an institution with its own data): it trained and spent
-        # budget like everyone, then lies.
-        state = attack(str(cfg.attack.kind), request.global_state, state, float(cfg.attack.scale))
     if secagg_config is not None:
         margin = secagg_quantization_margin(state, float(cfg.secaggplus.clipping_range))
         return secagg_fitres(request.global_state, state, secagg_config, int(released.metrics["num-examples"]),
-                             released.metrics, clip=not is_malicious(cfg, context.node_config),
-                             quantization_margin=margin)
+                             released.metrics, quantization_margin=margin)
     int8 = cfg.upload.compression == "int8"
     content = RecordDict({"arrays": encode_int8_update(request.global_state, state) if int8 else ArrayRecord(state),
                           "metrics": MetricRecord(dict[str, Any](released.metrics))})

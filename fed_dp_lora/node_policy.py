@@ -72,6 +72,12 @@ class NodePolicy:
         return self.data_path is not None
 
 
+def is_simulated(node_config: Mapping[str, Any]) -> bool:
+    """A simulated client: a slot of a public partition and no data file of its own. An institution
+    (NodePolicy.deployment) always has a data-path, so it is never simulated."""
+    return "data-path" not in node_config and "partition-id" in node_config
+
+
 def _require(ok: bool, key: str, problem: str, fix: str) -> None:
     if not ok:
         raise PolicyError(f"node-config {key}: {problem}. Fix: {fix}")
