@@ -24,7 +24,7 @@ from fed_dp_lora.node_policy import PolicyError, is_simulated
 from fed_dp_lora.privacy.accountant import BudgetExceeded
 from fed_dp_lora.privacy.institution_ledger import InstitutionLedger
 from fed_dp_lora.privacy.ledger_store import LedgerError
-from fed_dp_lora.reply import NODE_RECORD, REFUSAL_TEXT, Refusal, node_fields
+from fed_dp_lora.reply import NODE_RECORD, NUM_EXAMPLES, REFUSAL_TEXT, Refusal, node_fields
 from fed_dp_lora.wire import (
     INT8_UPDATE,
     UPLOAD_KEY,
@@ -119,7 +119,7 @@ def encode(cfg: DictConfig, request: RoundRequest, released: Released, secagg_co
     state = released.state
     if secagg_config is not None:
         margin = secagg_quantization_margin(state, float(cfg.secaggplus.clipping_range))
-        return secagg_fitres(request.global_state, state, secagg_config, int(released.metrics["num-examples"]),
+        return secagg_fitres(request.global_state, state, secagg_config, int(released.metrics[NUM_EXAMPLES]),
                              released.metrics, quantization_margin=margin)
     int8 = cfg.upload.compression == "int8"
     content = RecordDict({"arrays": encode_int8_update(request.global_state, state) if int8 else ArrayRecord(state),

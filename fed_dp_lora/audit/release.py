@@ -32,6 +32,7 @@ from torch import nn
 from fed_dp_lora.audit.dirac import DiracCanaries, StepCanaries, canary_generator
 from fed_dp_lora.config import ConfigError
 from fed_dp_lora.privacy.audit import epsilon_lower_bound, guesses
+from fed_dp_lora.reply import DELTA, EPSILON, PARTITION_ID
 from fed_dp_lora.wire import scalar
 
 METHOD = ("Steinke, Nasr, Jagielski 2023, one training run, white-box: Dirac gradient canaries "
@@ -69,12 +70,12 @@ class ReleaseAudit:
     def observe(self, server_round: int, metrics: MetricRecord, release: ArrayRecord,
                 reference: ArrayRecord) -> None:
         """Score one accepted update (as decoded by the strategy); others' updates are ignored."""
-        if "partition-id" not in metrics or int(scalar(metrics["partition-id"])) != self.client:
+        if PARTITION_ID not in metrics or int(scalar(metrics[PARTITION_ID])) != self.client:
             return
         before, after = self._read(reference), self._read(release)
         self.scores += self.canaries.sign * (before - after)
-        claimed = scalar(metrics["epsilon"]) if "epsilon" in metrics else None
-        delta = scalar(metrics["delta"]) if "delta" in metrics else 0.0
+        claimed = scalar(metrics[EPSILON]) if EPSILON in metrics else None
+        delta = scalar(metrics[DELTA]) if DELTA in metrics else 0.0
         made, correct = guesses(self.scores, self.canaries.included, self.guesses)
         self.rounds.append({
             "round": server_round, "claimed_epsilon": claimed, "delta": delta, "guesses": made,

@@ -17,7 +17,7 @@ from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from fed_dp_lora.reply import Refusal
+from fed_dp_lora.reply import EPSILON, Refusal
 from fed_dp_lora.strategies.names import NodeNames
 from fed_dp_lora.strategies.outcome import RoundOutcome
 from fed_dp_lora.wire import INT8_UPDATE, UPLOAD_KEY, decode_int8_update, payload_bytes, scalar, update_problem
@@ -34,7 +34,7 @@ def _train_metrics(records: list[RecordDict], weighted_by_key: str) -> MetricRec
     it is computed from their records without noise, so it stays in their local logs."""
     metrics = [r.metric_records["metrics"] for r in records]
     out: dict[str, Any] = {"clients": float(len(metrics))}
-    eps = [scalar(m["epsilon"]) for m in metrics if "epsilon" in m]
+    eps = [scalar(m[EPSILON]) for m in metrics if EPSILON in m]
     if eps:
         out["epsilon-max"] = max(eps)
     return MetricRecord(out)

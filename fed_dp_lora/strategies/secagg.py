@@ -47,6 +47,7 @@ from flwr.serverapp import Grid
 from omegaconf import DictConfig
 
 from fed_dp_lora.flower_internals import ClientProxy
+from fed_dp_lora.reply import EPSILON, PARTITION_ID
 from fed_dp_lora.strategies.dp_fedavg import UserLevelDP
 from fed_dp_lora.strategies.names import NodeNames
 from fed_dp_lora.strategies.outcome import RoundOutcome
@@ -154,7 +155,7 @@ class SecAggAdapterStrategy(LegacyFedAvg):
         if new is None:
             return None, {}
         log(INFO, "Round %d: SecAgg+ aggregate of %d masked updates", server_round, len(results))
-        eps = [m["epsilon"] for m in outcome.clients.values() if "epsilon" in m]
+        eps = [m[EPSILON] for m in outcome.clients.values() if EPSILON in m]
         aggregated: dict[str, Scalar] = {"clients": float(len(outcome.clients)),
                                          **({"epsilon-max": max(eps)} if eps else {})}
         return ndarrays_to_parameters([new[k] for k in self.keys]), aggregated
@@ -164,8 +165,8 @@ class SecAggAdapterStrategy(LegacyFedAvg):
         outcome = RoundOutcome(server_round, nodes=self.names.table() if self.grid is not None else None)
         for proxy, fitres in results:
             metrics = {k: float(v) for k, v in fitres.metrics.items()}
-            simulated = "partition-id" in metrics
-            name = f"client-{int(metrics['partition-id'])}" if simulated else self.names.of(proxy.node_id)
+            simulated = PARTITION_ID in metrics
+            name = f"client-{int(metrics[PARTITION_ID])}" if simulated else self.names.of(proxy.node_id)
             outcome.clients[name] = metrics
         returned = {proxy.node_id for proxy, _ in results}
         for node in self._sampled:
