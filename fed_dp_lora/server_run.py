@@ -20,8 +20,8 @@ from flwr.serverapp import Grid
 from omegaconf import DictConfig
 
 from fed_dp_lora import checkpoint
+from fed_dp_lora.audit.canary import CanaryAudit
 from fed_dp_lora.audit.release import ReleaseAudit
-from fed_dp_lora.canary_audit import CanaryAudit
 from fed_dp_lora.central import CentralEvaluator
 from fed_dp_lora.config import to_plain
 from fed_dp_lora.report import RunReport

@@ -9,7 +9,7 @@ uploads already decoded) scores canary j after each round by
 
 how far the client's DP-SGD moved the canary's coordinate in the canary's direction of descent.
 That uses only what the server saw, never the coins. It guesses "in" for the `guesses`/2
-highest scores, "out" for the lowest, and bounds epsilon with privacy/audit.py against the
+highest scores, "out" for the lowest, and bounds epsilon with audit/bounds.py against the
 client's claimed (epsilon, delta) from its reply (its ledger). Each round's bound holds at the
 confidence on its own; the last one, over every release, is the audit's result.
 
@@ -29,9 +29,9 @@ from flwr.app import ArrayRecord, MetricRecord
 from omegaconf import DictConfig
 from torch import nn
 
+from fed_dp_lora.audit.bounds import epsilon_lower_bound, guesses
 from fed_dp_lora.audit.dirac import DiracCanaries, StepCanaries, canary_generator
 from fed_dp_lora.config import ConfigError
-from fed_dp_lora.privacy.audit import epsilon_lower_bound, guesses
 from fed_dp_lora.reply import DELTA, EPSILON, PARTITION_ID
 from fed_dp_lora.wire import scalar
 

@@ -18,7 +18,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from fed_dp_lora.canary_audit import CanaryAudit
+from fed_dp_lora.audit.canary import CanaryAudit
 from fed_dp_lora.central import CentralEvaluator
 from fed_dp_lora.client_round import RoundRequest, train_round
 
