@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # the venv's ruff and mypy, installed with the test extras
 
@@ -17,6 +19,13 @@ def _run(*command: str) -> subprocess.CompletedProcess[str]:
 
 def test_ruff_finds_nothing_in_the_package():
     done = _run("ruff", "check", "fed_dp_lora")
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+@pytest.mark.xfail(strict=True, reason="the package is formatted once, after the open branches merge (`ruff format "
+                   "fed_dp_lora`); this then passes, and strict xfail fails until this marker is removed")
+def test_the_package_is_formatted():
+    done = _run("ruff", "format", "--check", "fed_dp_lora")
     assert done.returncode == 0, done.stdout + done.stderr
 
 
