@@ -11,6 +11,7 @@ import importlib.util
 import logging
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 from omegaconf import DictConfig
@@ -208,7 +209,7 @@ def load_tokenizer(cfg: DictConfig) -> PreTrainedTokenizerBase:
     return tok
 
 
-def _from_pretrained(auto_class: type, source: str, **kwargs) -> PreTrainedModel:
+def _from_pretrained(auto_class: Any, source: str, **kwargs) -> PreTrainedModel:
     """from_pretrained without transformers' load report and progress bar, which on every client
     listed the classification head as missing (it always is: it is new, and starts at zero).
 
@@ -271,7 +272,7 @@ def lora_config(cfg: DictConfig) -> LoraConfig:
     return LoraConfig(
         task_type=task,
         r=int(cfg.lora.r),
-        lora_alpha=float(cfg.lora.alpha),
+        lora_alpha=float(cfg.lora.alpha),  # type: ignore[arg-type]  # PEFT annotates int; scaling = alpha / r
         lora_dropout=float(cfg.lora.dropout),
         target_modules=_targets(cfg),
     )
