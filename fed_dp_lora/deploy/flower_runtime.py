@@ -19,9 +19,9 @@ every round, and it offers no hook to check the app bundle before the bundle's c
 
 Children run side by side, as Flower's own processes do: a task whose message never fully arrived
 (a run stopped mid-transfer) waits in Flower's object pull and must not hold up the next run. The
-privacy ledger's flock in the state dir (local_round.py) makes an institution's rounds run one
-after another, each in its own fresh process. Pinned to flwr 1.41 (pyproject.toml); re-read
-these modules on any upgrade.
+privacy ledger's flock in the state dir (privacy/ledger_store.py) makes an institution's rounds
+run one after another, each in its own fresh process. Pinned to flwr 1.41 (pyproject.toml);
+re-read these modules on any upgrade.
 """
 
 from __future__ import annotations

@@ -44,9 +44,9 @@ def audited_run(cfg: DictConfig) -> dict[str, Any]:
 # Two clients of ~222 credit records, two rounds of three local epochs: each included canary is
 # sampled about six times (with four, the few never sampled look excluded and cost "out"
 # guesses). SGD: Adam rescales every coordinate by its own history, so without DP the real
-# records move an unused coordinate about as far as a canary moves its own (the README's
-# release-audit table has the Adam row). delta 1e-5 keeps the theorem's 2 m delta term small,
-# so a leak can show above the claim; privacy-off runs ignore it.
+# records move an unused coordinate about as far as a canary moves its own (the release-audit
+# table in docs/results.md has the Adam row). delta 1e-5 keeps the theorem's 2 m delta term
+# small, so a leak can show above the claim; privacy-off runs ignore it.
 RELEASE_SETTINGS = ("+preset=tiny data.test_fraction=0.9 rounds=2 train.epochs=3 train.batch_size=32 "
                     "train.optimizer=sgd train.lr=0.01 eval.interval=2 privacy.seeded_noise=true "
                     "privacy.delta=1e-5 audit.release.enabled=true audit.release.client=0")

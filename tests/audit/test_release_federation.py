@@ -1,7 +1,8 @@
 """The release audit in whole federations (the real ServerApp and ClientApps, in one process).
 
-Settings: fed_dp_lora/experiments/audit_power.py (RELEASE_SETTINGS), the same as the README's
-table. Noise is seeded, so every run here is one fixed draw of the audit.
+Settings: fed_dp_lora/experiments/audit_power.py (RELEASE_SETTINGS), the same as the
+release-audit table in docs/results.md. Noise is seeded, so every run here is one fixed draw
+of the audit.
 """
 
 from __future__ import annotations
