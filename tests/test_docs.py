@@ -22,3 +22,12 @@ def test_every_reply_key_and_node_key_is_documented():
 
     assert all(f"metric `{key}`" in text for key in METRICS)
     assert all(f"`{key}`" in text for key in NODE_KEYS)
+
+
+def test_every_configuration_key_is_documented():
+    text = (REPO / "docs" / "configuration.md").read_text()
+    from fed_dp_lora.config.keys import walk
+
+    keys = [spec.key for spec in walk()]
+    assert len(keys) > 80 and "strategy.beta" in keys and "audit.release.guesses" in keys
+    assert all(f"| `{key}` |" in text for key in keys)
