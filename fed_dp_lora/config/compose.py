@@ -81,7 +81,8 @@ def _refuse_added_keys(node: DictConfig, prefix: str = "") -> None:
     declared = {f.name for f in dataclasses.fields(schema)} if dataclasses.is_dataclass(schema) else set()
     for name in map(str, node.keys()):
         key = f"{prefix}{name}"
-        require(name in declared, key, "no such key", unknown_key_fix(key))
+        if name not in declared:
+            raise ConfigError(f"{key}: no such key. Fix: {unknown_key_fix(key)}")
         child = node._get_node(name)
         if isinstance(child, DictConfig) and not child._is_none() and not child._is_missing():
             _refuse_added_keys(child, key + ".")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import types
 import typing
 from collections.abc import Iterator
@@ -78,9 +79,14 @@ def walk(owner: type = RunConfig, prefix: str = "") -> Iterator[FieldSpec]:
                     yield leaf
 
 
+@functools.cache
+def _by_key() -> dict[str, FieldSpec]:
+    return {spec.key: spec for spec in walk()}
+
+
 def lookup(key: str) -> FieldSpec | None:
     """The declaration of a dotted key (any strategy's keys included), or None."""
-    return next((spec for spec in walk() if spec.key == key), None)
+    return _by_key().get(key)
 
 
 def describe(key: str) -> str:
@@ -111,7 +117,7 @@ def unknown_key_fix(key: str) -> str:
         return f"{key} belongs to strategy={option}: select it with strategy={option}"
     section, _, _ = key.rpartition(".")
     prefix = section + "." if section else ""
-    names = list(dict.fromkeys(s.key[len(prefix):].split(".")[0] for s in walk() if s.key.startswith(prefix)))
+    names = list(dict.fromkeys(k[len(prefix):].split(".")[0] for k in _by_key() if k.startswith(prefix)))
     wrong = key[len(prefix):]
     close = difflib.get_close_matches(wrong, names, n=1, cutoff=0.6) or \
         sorted((n for n in names if wrong.startswith(n) or n.startswith(wrong)), key=len)[-1:]
