@@ -10,10 +10,9 @@ from fed_dp_lora.attacks import attack, is_malicious, malicious_partitions
 from fed_dp_lora.client_app import app as client_app
 from fed_dp_lora.config import load_config, to_plain
 from fed_dp_lora.experiments.inprocess import InProcessGrid
-from fed_dp_lora.client_data import cached_model
-from fed_dp_lora.models import trainable_state
 from fed_dp_lora.report import RunReport
 from fed_dp_lora.strategies import build_strategy
+from tests.client_helpers import initial_adapter
 from tests.strategies.helpers import run_strategy
 
 GLOBAL = {"a": torch.tensor([[1.0, 2.0]]), "b": torch.tensor([0.5, 0.5, 0.5])}
@@ -66,7 +65,7 @@ def test_real_attacking_client_is_rejected_by_the_server(tmp_path, tiny_models, 
     }
     grid = InProcessGrid({n: (lambda msg, c=c: client_app(msg, c)) for n, c in contexts.items()})
     report = RunReport(tmp_path, to_plain(cfg))
-    run_strategy(build_strategy(cfg, report), grid, trainable_state(cached_model(cfg)))
+    run_strategy(build_strategy(cfg, report), grid, initial_adapter(cfg))
     entry = report.rounds[0]
     assert set(entry["clients"]) == {"client-1"}
     assert list(entry["failures"]) == ["client-0"] and reason in entry["failures"]["client-0"]

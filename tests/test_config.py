@@ -6,11 +6,10 @@ import pandas as pd
 import pytest
 
 from fed_dp_lora import client_round
-from fed_dp_lora.client_data import cached_model
 from fed_dp_lora.client_round import RoundRequest
 from fed_dp_lora.config import ConfigError, compose_config, load_config, to_plain, validate
-from fed_dp_lora.models import trainable_state
 from fed_dp_lora.data import client_partition
+from tests.client_helpers import initial_adapter
 
 
 def _error(*overrides: str) -> str:
@@ -216,7 +215,7 @@ def test_delta_error_stops_the_round_before_any_training(make_cfg, monkeypatch):
     cfg = make_cfg("privacy.delta=0.01")  # 4 clients of ~890 records: 1/records ~ 0.0011 < delta
     called = []
     monkeypatch.setattr(client_round, "train_local", lambda *a, **k: called.append(1))
-    state = trainable_state(cached_model(cfg))
+    state = initial_adapter(cfg)
     with pytest.raises(client_round.PolicyError, match=r"delta 0\.01 >= 1/records"):
         client_round.train_round(cfg, {"partition-id": 0, "num-partitions": 4}, RoundRequest(state), None)
     assert called == []
