@@ -68,10 +68,9 @@ def _explain(err: OmegaConfBaseException) -> str:
     key = str(err.full_key)
     if isinstance(err, ValidationError):
         listed = re.fullmatch(r"(.+)\[\d+\]", key)  # an element of a list: name the list
-        kind = describe(listed.group(1)) if listed else describe(key)
         target = listed.group(1) if listed else key
-        return f"{key}: {err.value!r} is not allowed here. Fix: set {target} to {kind}" if listed else \
-            f"{key}: {err.value!r} is not {kind}. Fix: set {key} to {kind}"
+        problem = "is not allowed here" if listed else f"is not {describe(key)}"
+        return f"{key}: {err.value!r} {problem}. Fix: set {target} to {describe(target)}"
     return f"{key}: no such key. Fix: {unknown_key_fix(key)}"
 
 

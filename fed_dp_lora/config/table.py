@@ -56,7 +56,7 @@ def _presets(group: str, default: str) -> str:
         values = OmegaConf.to_container(OmegaConf.load(path))
         assert isinstance(values, dict)
         values.pop("defaults", None)
-        sets = ", ".join(f"{k}={_value(v).strip('`')}" for k, v in values.items())
+        sets = ", ".join(f"{k!s}={_value(v).strip('`')}" for k, v in values.items())
         mark = " (default)" if path.stem == default else ""
         items.append(f"`{group}={path.stem}`{mark}" + (f": {sets}" if sets else ""))
     return "Presets in `conf/" + group + "/`: " + "; ".join(items) + ".\n\n"
