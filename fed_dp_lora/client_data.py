@@ -48,7 +48,7 @@ class ClientData:
 
     def plan(self, cfg: DictConfig) -> tuple[float, int]:
         """(q, steps this round) from public values only."""
-        return plan_steps(self.records, int(cfg.train.batch_size), float(cfg.train.epochs))
+        return plan_steps(self.records, cfg.train.batch_size, cfg.train.epochs)
 
 
 @dataclass(frozen=True)
@@ -110,7 +110,7 @@ def _assigned_canaries(cfg: DictConfig, partition: tuple[int, int] | None) -> in
     """How many audit canaries may join this client: public (the coins that pick them are not)."""
     if not cfg.audit.enabled or partition is None:
         return 0
-    return len(range(partition[0], int(cfg.audit.canaries), partition[1]))
+    return len(range(partition[0], cfg.audit.canaries, partition[1]))
 
 
 @lru_cache(maxsize=64)

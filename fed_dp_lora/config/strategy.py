@@ -23,8 +23,8 @@ class StrategyConfig(Group):
     KEY: ClassVar[str] = "strategy"
     NAMES: ClassVar[tuple[str, ...]] = ("fedavg", "median")
 
-    name: str = setting("fedavg", "the aggregator; select it with the group option, e.g. `strategy=krum` "
-                                  "(see docs/strategies)", choices=STRATEGIES)
+    name: str = setting("fedavg", "the aggregator; select it with the group option, e.g. `strategy=krum`",
+                        choices=STRATEGIES)
     fraction_train: float = setting(1.0, "fraction of connected clients sampled per round, in (0, 1]")
     min_train_clients: int = setting(2, "a round needs this many sampled clients and this many accepted "
                                         "updates; with fewer the adapter is kept and the round recorded as "

@@ -7,12 +7,14 @@ drift from what a run reads.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from omegaconf import OmegaConf
 
 from fed_dp_lora.config.compose import CONF_DIR, compose_config, to_plain
 from fed_dp_lora.config.keys import FieldSpec, describe, walk
+from fed_dp_lora.config.strategy import SCHEMAS
 
 
 def _value(value: Any) -> str:
@@ -40,9 +42,11 @@ def _meaning(spec: FieldSpec) -> str:
     if spec.choices:
         text = f"one of {', '.join(f'`{c}`' for c in spec.choices)}: {text}" if text else \
             f"one of {', '.join(f'`{c}`' for c in spec.choices)}"
-    names = getattr(spec.owner, "NAMES", ())
-    if spec.key.startswith("strategy.") and names and "fedavg" not in names:
-        text = f"({', '.join(f'`strategy={n}`' for n in names)}) {text}"
+    if spec.key.startswith("strategy."):
+        field = spec.key.partition(".")[2]
+        names = [n for n, schema in SCHEMAS.items() if field in {f.name for f in dataclasses.fields(schema)}]
+        if len(names) < len(SCHEMAS):
+            text = f"({', '.join(f'`strategy={n}`' for n in names)}) {text}"
     return text.replace("|", "\\|")
 
 
