@@ -18,9 +18,13 @@ class ConfigError(ValueError):
     """A configuration problem, with the key at fault and how to fix it."""
 
 
-def setting(default: Any = MISSING, help: str = "", choices: tuple[str, ...] = ()) -> Any:
-    """A dataclass field with its help text and, for a closed set of values, its choices."""
-    metadata = {"help": help, "choices": choices}
+def setting(default: Any = MISSING, help: str = "", choices: tuple[str, ...] = (), takes: str = "") -> Any:
+    """A dataclass field with its help text and, for a closed set of values, its choices.
+
+    `takes` words what the field accepts where its type alone would say too little
+    (e.g. `Any` for "a list of names or one regex").
+    """
+    metadata = {"help": help, "choices": choices, "takes": takes}
     if isinstance(default, (list, dict)) or dataclasses.is_dataclass(default):
         return dataclasses.field(default_factory=lambda: copy.deepcopy(default), metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)

@@ -31,6 +31,7 @@ class FieldSpec:
     default: Any
     help: str
     choices: tuple[str, ...]
+    takes: str  # what it accepts, in words, where the type says too little ("" otherwise)
     owner: type  # the dataclass that declares it (for strategy keys: which strategy)
 
 
@@ -62,7 +63,7 @@ def _fields(owner: type, prefix: str) -> Iterator[FieldSpec]:
     for spec in dataclasses.fields(owner):
         kind, optional = _strip_optional(hints[spec.name])
         yield FieldSpec(prefix + spec.name, kind, optional, _default(spec), spec.metadata.get("help", ""),
-                        spec.metadata.get("choices", ()), owner)
+                        spec.metadata.get("choices", ()), spec.metadata.get("takes", ""), owner)
 
 
 def walk(owner: type = RunConfig, prefix: str = "") -> Iterator[FieldSpec]:
@@ -94,7 +95,7 @@ def describe(key: str) -> str:
     spec = lookup(key)
     if spec is None:
         return "a value"
-    return _words(spec.kind) + (" or null" if spec.optional else "")
+    return (spec.takes or _words(spec.kind)) + (" or null" if spec.optional else "")
 
 
 def _words(kind: Any) -> str:

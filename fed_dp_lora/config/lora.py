@@ -20,7 +20,8 @@ class AdapterConfig(Group):
     r: int = setting(8, "LoRA rank")
     alpha: float = setting(16.0, "LoRA scaling numerator (the update is scaled by alpha / r)")
     dropout: float = setting(0.0, "dropout on the LoRA input, in [0, 1)")
-    target_modules: Any = setting(None, "a list of module names or one regex; null: `model.lora_targets`")
+    target_modules: Any = setting(None, "modules LoRA adapts; null: `model.lora_targets`",
+                                  takes="a list of module names or one regex")
     init_seed: int = setting(0, "seed of the LoRA initialisation, shared by all clients and the server")
 
     def validate(self) -> None:

@@ -46,7 +46,7 @@ class EvalConfig(Group):
 
     batch_size: int | str = setting("auto", "records per evaluation batch; `auto`: the fastest on a CPU "
                                                   "(see scripts/bench_eval.py), the largest that fits on a GPU "
-                                                  "(probed once)")
+                                                  "(probed once)", takes="auto or a whole number")
     interval: int = setting(1, "central evaluation every N rounds (and always after the last)")
 
     def validate(self) -> None:
