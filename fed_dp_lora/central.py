@@ -13,6 +13,7 @@ from omegaconf import DictConfig
 
 from fed_dp_lora.config import ConfigError
 from fed_dp_lora.data import holdout_split, label_names, load_table
+from fed_dp_lora.files import write_dir_atomic
 from fed_dp_lora.models import build_model, load_tokenizer, load_trainable_state, trainable_state
 from fed_dp_lora.training import Encoded, encode, evaluate, majority_baseline, record_losses
 
@@ -77,7 +78,7 @@ class CentralEvaluator:
             labels = self.test.labels.numpy()
             # The server owns only the test set, so the baseline predicts its majority class:
             # if anything, an optimistic baseline.
-            self.majority = majority_baseline(labels, labels, self.num_labels)
+            self.majority = majority_baseline(labels, labels, len(label_names(cfg)))
 
     def initial_state(self) -> dict[str, torch.Tensor]:
         return trainable_state(self.model)
@@ -99,5 +100,5 @@ class CentralEvaluator:
     def save_adapter(self, state: dict[str, torch.Tensor], folder: Path) -> None:
         """A PEFT adapter folder: PeftModel.from_pretrained(base, folder) loads it."""
         load_trainable_state(self.model, state)
-        self.model.save_pretrained(folder)
+        write_dir_atomic(folder, lambda tmp: self.model.save_pretrained(str(tmp)))
 

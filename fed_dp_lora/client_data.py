@@ -121,11 +121,13 @@ def _cached_table(spec: TableSpec, data_path: str | None,
     if data_path is not None:
         table = load_table(cfg, path=data_path)  # deployment: the institution's whole file
     else:
+        assert partition is not None, "a simulated client always has its partition-id (node_policy)"
         train, _ = holdout_split(load_table(cfg), cfg)
         table = client_partition(train, cfg, *partition)
     dropped, real = dict(table.attrs.get("dropped", {})), len(table)
     tokenizer = load_tokenizer(cfg)
     if cfg.audit.enabled:
+        assert partition is not None, "client_data refuses an audit on a node without a slot"
         num_labels = len(label_names(cfg)) if cfg.model.task == "classification" else None
         words = canary_words(tokenizer.get_vocab())
         table = pd.concat([table, client_canaries(cfg, num_labels, words, *partition)], ignore_index=True)

@@ -14,23 +14,23 @@ import contextlib
 import logging
 import math
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 from omegaconf import DictConfig
 
-from fed_dp_lora import local_log
+from fed_dp_lora import local_log, reply
 from fed_dp_lora.audit.release import release_canaries
-from fed_dp_lora.client_data import ClientData, client_data, cached_model
+from fed_dp_lora.client_data import ClientData, cached_model, client_data
 from fed_dp_lora.models import load_trainable_state, trainable_state
 from fed_dp_lora.node_policy import NodePolicy, PolicyError, apply_node_config, resolve_delta, simulation_state_dir
 from fed_dp_lora.privacy.engine import GradientEngine, PrivateGradientEngine
 from fed_dp_lora.privacy.institution_ledger import InstitutionLedger, Plan, Request
 from fed_dp_lora.privacy.ledger_store import InstitutionState, reconcile, state_digest
 from fed_dp_lora.privacy.streams import StreamKey, institution_secret, model_seed, round_generators, simulation_secret
-from fed_dp_lora import reply
-from fed_dp_lora.training import TrainStats, plan_steps, train_local
+from fed_dp_lora.training import TrainStats, train_local
 
 log = logging.getLogger(__name__)
 
@@ -184,7 +184,7 @@ def _engine(cfg: DictConfig, model: torch.nn.Module, data: ClientData, plan: Pla
     else:
         engine = PrivateGradientEngine(model, rate * data.records, float(cfg.privacy.clip_norm),
                                        plan.terms.noise, generator=noise, extra=canaries)
-    engine.sampling = sampling  # type: ignore[attr-defined]
+    engine.sampling = sampling
     return engine
 
 

@@ -12,6 +12,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from omegaconf import DictConfig
@@ -244,7 +245,7 @@ def load_tokenizer(cfg: DictConfig) -> PreTrainedTokenizerBase:
     return tok
 
 
-def _from_pretrained(auto_class: type, source: str, **kwargs) -> PreTrainedModel:
+def _from_pretrained(auto_class: Any, source: str, **kwargs) -> PreTrainedModel:
     """from_pretrained without transformers' load report and progress bar, which on every client
     listed the classification head as missing (it always is: it is new, and starts at zero).
 
@@ -305,8 +306,13 @@ def load_base(spec: ModelSpec) -> PreTrainedModel:
 def lora_config(spec: ModelSpec) -> LoraConfig:
     task = TaskType.SEQ_CLS if spec.task == "classification" else TaskType.CAUSAL_LM
     targets = spec.targets if isinstance(spec.targets, str) else list(spec.targets)
-    return LoraConfig(task_type=task, r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout,
-                      target_modules=targets)
+    return LoraConfig(
+        task_type=task,
+        r=spec.r,
+        lora_alpha=spec.alpha,  # type: ignore[arg-type]  # PEFT annotates int; scaling = alpha / r
+        lora_dropout=spec.dropout,
+        target_modules=targets,
+    )
 
 
 def add_lora(model: PreTrainedModel, spec: ModelSpec) -> PeftModel:

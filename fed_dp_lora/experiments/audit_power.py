@@ -12,12 +12,13 @@ and ClientApps), client 0 audited with Dirac gradient canaries in its DP steps.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from omegaconf import DictConfig
 
-from fed_dp_lora.canary_audit import CanaryAudit
+from fed_dp_lora.audit.canary import CanaryAudit
 from fed_dp_lora.central import CentralEvaluator
 from fed_dp_lora.client_round import RoundRequest, train_round
 

@@ -152,10 +152,11 @@ class InstitutionLedger:
         columns = [list(data.get(k) or []) for k in ("study", "round", "noise", "rate", "steps")]
         if len({len(c) for c in columns}) != 1:
             raise ValueError("ledger columns have different lengths")
-        releases = [Release(str(s), int(r), float(n), float(q), int(k)) for s, r, n, q, k in zip(*columns)]
+        releases = [Release(str(s), int(r), float(n), float(q), int(k)) for s, r, n, q, k in zip(*columns, strict=True)]
         ids = [str(s) for s in data.get("study-ids") or []]
-        terms = zip(data.get("study-delta") or [], data.get("study-accountant") or [], data.get("study-noise") or [])
-        studies = {s: StudyTerms(float(d), str(a), float(n)) for s, (d, a, n) in zip(ids, terms)}
+        terms = zip(data.get("study-delta") or [], data.get("study-accountant") or [], data.get("study-noise") or [],
+                    strict=True)
+        studies = {s: StudyTerms(float(d), str(a), float(n)) for s, (d, a, n) in zip(ids, terms, strict=True)}
         if len(studies) != len(ids) or {r.study for r in releases} - set(studies):
             raise ValueError("ledger releases name studies without terms")
         return cls(releases, studies)
