@@ -16,12 +16,11 @@ from fed_dp_lora.client_app import app as client_app
 from fed_dp_lora.config import load_config, to_plain
 from fed_dp_lora.experiments.inprocess import InProcessGrid
 from fed_dp_lora.flower_internals import recorddict_compat
-from fed_dp_lora.client_data import cached_model
-from fed_dp_lora.models import trainable_state
 from fed_dp_lora.node_policy import is_simulated
 from fed_dp_lora.report import RunReport
 from fed_dp_lora.strategies import build_strategy
 from fed_dp_lora.wire import SECAGG_KEYS, secagg_fitres
+from tests.client_helpers import initial_adapter
 from tests.strategies.helpers import run_strategy
 
 GLOBAL = {"a": torch.tensor([[1.0, 2.0]]), "b": torch.tensor([0.5, 0.5, 0.5])}
@@ -74,7 +73,7 @@ def test_real_attacking_client_is_rejected_by_the_server(tmp_path, tiny_models, 
     }
     grid = InProcessGrid({n: (lambda msg, c=c: client_app(msg, c)) for n, c in contexts.items()})
     report = RunReport(tmp_path, to_plain(cfg))
-    run_strategy(build_strategy(cfg), grid, trainable_state(cached_model(cfg)), report)
+    run_strategy(build_strategy(cfg), grid, initial_adapter(cfg), report)
     entry = report.rounds[0]
     assert set(entry["clients"]) == {"client-1"}
     assert list(entry["failures"]) == ["client-0"] and reason in entry["failures"]["client-0"]

@@ -168,3 +168,12 @@ def test_sweep_section_is_what_results_csv_gives():
     rows = [r for r in saved if sweep.cell_key(r) in wanted]
     assert len(rows) == len(wanted)
     assert sweep.markdown(sweep.aggregate(rows)) in section("docs/results.md", "results")
+
+
+def test_every_configuration_key_is_documented():
+    text = (REPO / "docs" / "configuration.md").read_text()
+    from fed_dp_lora.config.keys import walk
+
+    keys = [spec.key for spec in walk()]
+    assert len(keys) > 80 and "strategy.beta" in keys and "audit.release.guesses" in keys
+    assert all(f"| `{key}` |" in text for key in keys)

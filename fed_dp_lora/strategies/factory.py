@@ -1,4 +1,4 @@
-"""The strategy named by `strategy.name`, built from its config group (validated in config.py)."""
+"""The strategy named by `strategy.name`, built from its config group (validated in fed_dp_lora/config/)."""
 
 from __future__ import annotations
 

@@ -16,7 +16,7 @@ from their neighbours' shares as long as the reconstruction threshold is met.
 
 What the server cannot do here: check individual updates (the per-update checks of the other
 strategies need the individual update; only the unmasked aggregate is checked) or aggregate
-robustly (config.py refuses that combination).
+robustly (config/rules.py refuses that combination).
 """
 
 from __future__ import annotations

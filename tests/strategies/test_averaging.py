@@ -27,6 +27,7 @@ from fed_dp_lora.privacy.institution_ledger import InstitutionLedger, Release, S
 from fed_dp_lora.reply import REFUSAL_TEXT, Refusal
 from fed_dp_lora.report import RunReport
 from fed_dp_lora.strategies import build_strategy
+from tests.client_helpers import initial_adapter
 from tests.strategies.helpers import error_reply, filled, reply_with, run_strategy
 
 # One Poisson step on an expected batch of 16 per round, fixed noise (no calibration).
@@ -178,7 +179,7 @@ def test_malformed_updates_are_rejected_logged_and_the_round_goes_on(tmp_path, m
 def test_error_replies_are_recorded_with_their_reason(tmp_path, tiny_models):
     overrides = f"{FAST} {tiny_models.classifier[0]}"
     cfg = load_config({"overrides": overrides, "output-dir": ""})
-    reference = trainable_state(cached_model(cfg))
+    reference = initial_adapter(cfg)
 
     # A real client whose ledger (in its Context) has already spent far more than the budget.
     node_config = {"partition-id": 0, "num-partitions": 3}
