@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 # A fresh interpreter: Opacus' handler is installed at import time, which pytest's own logging
 # set-up would hide (basicConfig does nothing once the root logger has a handler).
 PROGRAM = """
@@ -18,6 +20,7 @@ logging.getLogger("fed_dp_lora.client_round").warning("a warning to act on")
 """
 
 
+@pytest.mark.slow  # a fresh interpreter importing torch, transformers and Flower
 def test_each_flower_line_is_printed_once_and_our_warnings_still_show():
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     done = subprocess.run([sys.executable, "-c", PROGRAM], capture_output=True, text=True, env=env, timeout=300)

@@ -29,6 +29,7 @@ def test_the_package_is_formatted():
     assert done.returncode == 0, done.stdout + done.stderr
 
 
+@pytest.mark.slow  # a cold mypy takes ~20 s of the fast tier's 3 minutes; CI runs it
 def test_mypy_finds_nothing_in_the_package():
     done = _run("mypy")  # `packages` in pyproject.toml: fed_dp_lora
     assert done.returncode == 0, done.stdout + done.stderr
