@@ -17,6 +17,7 @@ from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
+from fed_dp_lora.flower_internals import sample_nodes
 from fed_dp_lora.reply import EPSILON, Refusal
 from fed_dp_lora.strategies.names import NodeNames
 from fed_dp_lora.strategies.outcome import RoundOutcome
@@ -69,6 +70,10 @@ class CheckedAggregation(FedAvg):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
+        # Flower's FedAvg sizes its sample from the nodes online before it waits for
+        # min_available_nodes, so a node that (re)connects during that wait is left out even at
+        # fraction_train=1: wait first (Flower's own wait), then let it sample.
+        sample_nodes(grid, self.min_available_nodes, 0)
         self.names.refresh(grid)
         messages = list(super().configure_train(server_round, arrays, config, grid))
         self._sent = (arrays, len(messages))

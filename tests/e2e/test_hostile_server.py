@@ -10,6 +10,7 @@ releases that left it, within its budget, and every refusal must be a code with 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import subprocess
@@ -18,6 +19,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from fed_dp_lora.deploy.app_check import build_reference
 from fed_dp_lora.privacy.ledger_store import InstitutionState
 from fed_dp_lora.reply import METRICS, REFUSAL_TEXT, Refusal
 from tests.e2e.deployment import (REPO, SCRIPTS, flwr_run_deployment, make_certs, make_key, register,
@@ -50,6 +52,8 @@ def hostile_app(folder: Path) -> Path:
     shutil.copy(Path(__file__).parent / "hostile" / "hostile_server.py", folder / "hostile_server.py")
     pyproject = (REPO / "pyproject.toml").read_text()
     pyproject = pyproject.replace('serverapp = "fed_dp_lora.server_app:app"', 'serverapp = "hostile_server:app"')
+    pyproject = pyproject.replace('fab-include = ["fed_dp_lora/**", "conf/**"]',
+                                  'fab-include = ["fed_dp_lora/**", "conf/**", "hostile_server.py"]')
     pyproject = pyproject.replace("[tool.flwr.app.config]\n",
                                   '[tool.flwr.app.config]\nattack-plan = "[]"\ninstitutions = 2\nmodel-overrides = ""\n')
     (folder / "pyproject.toml").write_text(pyproject)
@@ -66,13 +70,17 @@ def attacked(tmp_path_factory):
     nodes, state = {}, {i: tmp / f"state-{i}" for i in range(2)}
     try:
         write_tls_connection(link.flwr_home, NAME, link.port, certs.ca)
+        # The institutions pinned this bundle's hash (their launchers refuse any other: see
+        # tests/e2e/test_launcher.py), so what is tested here is what their ClientApp accepts.
+        app = hostile_app(tmp / "app")
+        pin = hashlib.sha256(build_reference(app)).hexdigest()
         for i in range(2):
             key = tmp / "keys" / f"bank-{i}"
             register(link.flwr_home, NAME, make_key(key), f"bank-{i}")
             state[i].mkdir()
             nodes[i] = start_supernode(tmp / f"node-{i}", link.port, certs.ca, key, tmp / "data" / f"institution-{i}.csv",
-                                       state[i], epsilon=LIFETIME, records=2000, name=f"bank-{i}")
-        app = hostile_app(tmp / "app")
+                                       state[i], epsilon=LIFETIME, records=2000, name=f"bank-{i}",
+                                       extra=("--pin-app-hash", pin))
         transcripts, logs = {}, {}
         for run, (overrides, plan) in RUNS.items():
             out = tmp / "out" / run

@@ -47,7 +47,7 @@ def markers(flwr_home: Path) -> list[Path]:
 def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("launcher")
     subprocess.run([_bin("python"), str(SCRIPTS / "export_institutions.py"), str(tmp / "data"),
-                    "--institutions", "1"], check=True, capture_output=True)
+                    "--institutions", "2"], check=True, capture_output=True)
     app = changed_app(tmp / "app")
     pin = hashlib.sha256(build_reference(app)).hexdigest()
     link = start_deployment_superlink(tmp / "operator", None, insecure=True)
