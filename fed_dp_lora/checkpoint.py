@@ -10,7 +10,6 @@ round is run (or counted in any epsilon) twice on the server. Clients keep their
 
 from __future__ import annotations
 
-import os
 import random
 import uuid
 from dataclasses import asdict, dataclass
@@ -20,6 +19,7 @@ from typing import Any
 import torch
 
 from fed_dp_lora.config import ConfigError
+from fed_dp_lora.files import write_atomic
 
 FILE = "checkpoint.pt"
 
@@ -33,6 +33,7 @@ class Checkpoint:
     strategy: dict[str, Any]
     report: dict[str, Any]
     python_rng: Any
+    audit: dict[str, Any] | None = None  # the release audit's scores so far (audit.release)
 
     def restore_rng(self) -> None:
         random.setstate(self.python_rng)
@@ -44,14 +45,7 @@ def new_study() -> str:
 
 
 def save(out: Path, checkpoint: Checkpoint) -> Path:
-    path = out / FILE
-    tmp = path.with_name(FILE + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(asdict(checkpoint), f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    return path
+    return write_atomic(out / FILE, lambda handle: torch.save(asdict(checkpoint), handle))
 
 
 def load(out: Path) -> Checkpoint | None:

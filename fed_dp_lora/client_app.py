@@ -1,26 +1,38 @@
-"""Flower ClientApp: decode the message, run the local round, encode the reply."""
+"""Flower ClientApp: decode the message, run the client round, encode the reply.
+
+Every reply is built from a `Released` (its cost already on the institution's disk) through
+the allowlist in reply.py, or is an error with a code and a fixed text. Any exception, expected
+or not, becomes such an error: Flower would otherwise send its message (which may quote data)
+to the server. The detail goes to the institution's local log.
+"""
 
 from __future__ import annotations
 
-import time
-
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import ClientAppCallable
-from flwr.client.mod import secaggplus_mod
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
+from omegaconf import DictConfig
 
-from fed_dp_lora.attacks import is_malicious
+from fed_dp_lora import local_log
+from fed_dp_lora.attacks import attack, is_malicious
+from fed_dp_lora.client_round import InputRefused, Released, RoundRequest, train_round
 from fed_dp_lora.config import ConfigError, load_config
 from fed_dp_lora.data import DataError
-from fed_dp_lora.local_round import train_round
+from fed_dp_lora.node_policy import PolicyError
 from fed_dp_lora.privacy.accountant import BudgetExceeded
-from fed_dp_lora.privacy.engine import CoverageError
+from fed_dp_lora.privacy.institution_ledger import InstitutionLedger
 from fed_dp_lora.privacy.ledger_store import LedgerError
-from fed_dp_lora.wire import (INT8_UPDATE, REFUSED_BUDGET, REFUSED_CONFIG, REFUSED_LEDGER, UPLOAD_KEY,
-                              encode_int8_update, is_legacy_fitins, secagg_fitins, secagg_fitres)
+from fed_dp_lora.reply import NODE_RECORD, REFUSAL_TEXT, Refusal, node_fields
+from fed_dp_lora.wire import (INT8_UPDATE, UPLOAD_KEY, encode_int8_update, is_legacy_fitins, secagg_fitins,
+                              secagg_fitres, secagg_quantization_margin)
 
 LEDGER_KEY = "privacy-ledger"
+REFUSALS: tuple[tuple[type[BaseException], Refusal], ...] = (
+    (BudgetExceeded, Refusal.BUDGET), (LedgerError, Refusal.LEDGER), (PolicyError, Refusal.POLICY),
+    (InputRefused, Refusal.INPUT), (DataError, Refusal.DATA), (Exception, Refusal.INTERNAL),
+)
 
 app = ClientApp()
 
@@ -32,44 +44,75 @@ def secagg_when_asked(msg: Message, context: Context, call_next: ClientAppCallab
     return call_next(msg, context)
 
 
+def refuse(msg: Message, code: Refusal, detail: str, context: Context, text: str | None = None) -> Message:
+    """An error reply with a fixed text; the detail is logged where the institution reads it."""
+    state_dir = context.node_config.get("state-dir")
+    local_log.refused(state_dir if isinstance(state_dir, str) else None, int(code), detail,
+                      {"round": msg.content.config_records.get("config", {}).get("server-round")})
+    return Message(Error(code=int(code), reason=text or REFUSAL_TEXT[code]), reply_to=msg)
+
+
 @app.train(mods=[secagg_when_asked])
 def train(msg: Message, context: Context) -> Message:
     """One round of DP-SGD on this client's records; refusals become error replies."""
     try:
         cfg = load_config(context.run_config)
-        if cfg.secagg != is_legacy_fitins(msg.content):
-            # Never answer a plain request with an individual update when SecAgg+ was agreed.
-            raise ConfigError(f"secagg: the run says secagg={cfg.secagg} but the server sent "
-                              f"{'SecAgg+' if not cfg.secagg else 'plain'} instructions. Fix: restart "
-                              "the run with one secagg setting for server and clients")
+    except ConfigError as err:  # a function of the server's own run config: its text may go back
+        return refuse(msg, Refusal.CONFIG, str(err), context, f"{REFUSAL_TEXT[Refusal.CONFIG]}: {err}")
+    try:
+        request, secagg_config = decode(msg, cfg, context.node_id)
+        memory = context.state.config_records.get(LEDGER_KEY)
+        released = train_round(cfg, context.node_config, request,
+                               None if memory is None else InstitutionLedger.from_dict(dict(memory)))
+        if released.ledger is not None:
+            # context.state outlives this process (deployment starts one per message) and holds
+            # a second copy of the ledger, which must agree with the one on disk.
+            context.state[LEDGER_KEY] = ConfigRecord(released.ledger.to_dict())
+        return Message(content=encode(cfg, context, request, released, secagg_config), reply_to=msg)
+    except BaseException as err:  # noqa: BLE001 - every failure must become a fixed-text reply
+        if not isinstance(err, Exception):
+            raise
+        code = next(c for kind, c in REFUSALS if isinstance(err, kind))
+        return refuse(msg, code, f"{type(err).__name__}: {err}", context)
+
+
+def decode(msg: Message, cfg: DictConfig, node_id: int) -> tuple[RoundRequest, dict | None]:
+    """The server's request; refuses instructions that do not match the agreed protocol."""
+    if cfg.secagg != is_legacy_fitins(msg.content):
+        # Never answer a plain request with an individual update when SecAgg+ was agreed.
+        raise InputRefused(f"the run says secagg={cfg.secagg} but the server sent "
+                           f"{'SecAgg+' if not cfg.secagg else 'plain'} instructions")
+    try:
         if cfg.secagg:
-            global_state, config = secagg_fitins(msg.content)
+            state, config = secagg_fitins(msg.content)
         else:
-            global_state = msg.content["arrays"].to_torch_state_dict()
-            config = dict(msg.content.config_records.get("config", {}))
-        ledger = context.state.config_records.get(LEDGER_KEY)
-        result = train_round(cfg, context.node_config, global_state, dict(ledger) if ledger is not None else None,
-                             int(config.get("server-round", 0)), config.get("study-id"))
-    except BudgetExceeded as err:
-        return Message(Error(code=REFUSED_BUDGET, reason=str(err)), reply_to=msg)
-    except LedgerError as err:
-        return Message(Error(code=REFUSED_LEDGER, reason=f"LedgerError: {err}"), reply_to=msg)
-    except (ConfigError, DataError, CoverageError) as err:
-        return Message(Error(code=REFUSED_CONFIG, reason=f"{type(err).__name__}: {err}"), reply_to=msg)
-    if result.ledger is not None:
-        # The ledger lives in context.state: it outlives this process (deployment starts a
-        # new one per message) and composes over every round this client trained.
-        context.state[LEDGER_KEY] = ConfigRecord(result.ledger)
-    if cfg.secagg:
-        # A simulated attacker does not clip: the guarantee rests on honest clients' clipping.
-        content = secagg_fitres(global_state, result.state, config, int(result.metrics["num-examples"]),
-                                result.metrics, clip=not is_malicious(cfg, context.node_config))
-        return Message(content=content, reply_to=msg)
-    started = time.perf_counter()
+            state, config = msg.content["arrays"].to_torch_state_dict(), dict(msg.content.config_records["config"])
+        server_round = int(config.get("server-round", 0))
+    except (KeyError, ValueError, TypeError) as err:
+        raise InputRefused(f"malformed instructions: {err}") from err
+    study = config.get("study-id")
+    return RoundRequest(state, server_round, None if study is None else str(study), node_id), \
+        (config if cfg.secagg else None)
+
+
+def encode(cfg: DictConfig, context: Context, request: RoundRequest, released: Released,
+           secagg_config: dict | None) -> RecordDict:
+    """The reply's records: the update, the allowlisted metrics, and public node fields."""
+    state = released.state
+    if not released.policy.deployment and is_malicious(cfg, context.node_config):
+        # A simulated attacker (never an institution with its own data): it trained and spent
+        # budget like everyone, then lies.
+        state = attack(str(cfg.attack.kind), request.global_state, state, float(cfg.attack.scale))
+    if secagg_config is not None:
+        margin = secagg_quantization_margin(state, float(cfg.secaggplus.clipping_range))
+        return secagg_fitres(request.global_state, state, secagg_config, int(released.metrics["num-examples"]),
+                             released.metrics, clip=not is_malicious(cfg, context.node_config),
+                             quantization_margin=margin)
     int8 = cfg.upload.compression == "int8"
-    arrays = encode_int8_update(global_state, result.state) if int8 else ArrayRecord(result.state)
-    metrics = MetricRecord({**result.metrics, "serialize-seconds": time.perf_counter() - started})
-    content = RecordDict({"arrays": arrays, "metrics": metrics})
+    content = RecordDict({"arrays": encode_int8_update(request.global_state, state) if int8 else ArrayRecord(state),
+                          "metrics": MetricRecord(released.metrics)})
     if int8:
         content[UPLOAD_KEY] = ConfigRecord({"encoding": INT8_UPDATE})
-    return Message(content=content, reply_to=msg)
+    if released.policy.name is not None:
+        content[NODE_RECORD] = ConfigRecord(node_fields({"name": released.policy.name}))
+    return content

@@ -9,7 +9,6 @@ count) live in :func:`validate_against_data` and run before any training.
 from __future__ import annotations
 
 import shlex
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -76,7 +75,8 @@ def _choice(cfg: DictConfig, key: str, allowed: tuple[str, ...]) -> None:
 _INTEGERS = {"seed": False, "rounds": False, "model.keep_layers": True, "lora.r": False,
              "lora.init_seed": False, "train.batch_size": False, "train.max_length": False,
              "train.micro_batch_size": True, "eval.interval": False,
-             "audit.canaries": False, "audit.seed": False}
+             "audit.canaries": False, "audit.seed": False, "audit.release.client": False,
+             "audit.release.canaries": False, "audit.release.guesses": False}
 _FLOATS = {"lora.alpha": False, "lora.dropout": False, "data.test_fraction": False,
            "data.dirichlet_alpha": False, "privacy.epsilon": True, "privacy.delta": True,
            "privacy.noise_multiplier": True, "privacy.clip_norm": False, "train.epochs": False,
@@ -262,6 +262,16 @@ def _validate_outputs(cfg: DictConfig) -> None:
         f"{a.confidence} is not in [0.5, 1)",
         "e.g. audit.confidence=0.95",
     )
+    r = a.release
+    _require(isinstance(r.enabled, bool), "audit.release.enabled", f"{r.enabled!r} is not a boolean",
+             "use true or false")
+    _require(int(r.client) >= 0, "audit.release.client", "must be a partition id >= 0", "e.g. 0")
+    _require(2 <= int(r.guesses) <= int(r.canaries) and int(r.guesses) % 2 == 0, "audit.release.guesses",
+             f"{r.guesses} is not an even number in [2, audit.release.canaries={r.canaries}]",
+             "e.g. audit.release.guesses=200 with 1000 canaries")
+    if r.enabled:
+        _require(not cfg.secagg, "audit.release", "SecAgg+ hides each client's release from the server",
+                 "audit with secagg=false")
     _choice(cfg, "tracking.backend", ("none", "tensorboard"))
 
 
@@ -357,108 +367,6 @@ def _validate_strategy(cfg: DictConfig) -> None:
         )
 
 
-def resolve_delta(cfg: DictConfig, num_records: int) -> float:
-    """The client's delta: the configured one, or 1/(10 n); must be below 1/n."""
-    if cfg.privacy.delta is None:
-        return 1.0 / (10.0 * num_records)
-    delta = float(cfg.privacy.delta)
-    _require(
-        delta < 1.0 / num_records,
-        "privacy.delta",
-        f"{delta} >= 1/n = {1.0 / num_records:.3g} for a client with {num_records} records, "
-        "which permits releasing a whole record",
-        f"use a delta below {1.0 / num_records:.3g}, or null for 1/(10 n)",
-    )
-    return delta
-
-
 def to_plain(cfg: DictConfig) -> dict[str, Any]:
     """The fully resolved configuration as plain Python (for summary.json)."""
     return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
-
-
-# --- per-institution settings (deployment: `flower-supernode --node-config "..."`) ------------
-
-# node-config key -> (type, what it sets). Simulation adds partition-id / num-partitions itself.
-NODE_KEYS: dict[str, tuple[type, str]] = {
-    "data-path": (str, "the institution's records (.csv, .jsonl or .parquet)"),
-    "state-dir": (str, "directory on the institution's disk for its privacy ledger and noise key"),
-    "epsilon": (float, "the institution's own budget (caps privacy.epsilon for this client)"),
-    "batch-size": (int, "local expected batch size (train.batch_size)"),
-    "device": (str, "auto | cpu | cuda (train.device)"),
-    "partition-id": (int, "simulation / audit slot: this client's partition index"),
-    "num-partitions": (int, "simulation / audit slot: number of partitions"),
-}
-
-
-@dataclass(frozen=True)
-class NodeSettings:
-    """Where this client's records and privacy state live (validated node config)."""
-
-    data_path: str | None
-    state_dir: str | None
-    partition: tuple[int, int] | None
-
-
-def _node_value(node_config: Mapping[str, Any], key: str) -> Any:
-    kind, meaning = NODE_KEYS[key]
-    value = node_config[key]
-    ok = (isinstance(value, str) if kind is str else
-          isinstance(value, (int, float)) and not isinstance(value, bool)
-          and (kind is float or float(value).is_integer()))
-    example = '"/path"' if kind is str else ("4" if kind is float else "64")
-    _require(ok, f"node-config {key}", f"{value!r} is not {'a string' if kind is str else 'a number'} "
-             f"({meaning})", f"start the SuperNode with --node-config '{key}={example}'")
-    return kind(value)
-
-
-def apply_node_config(cfg: DictConfig, node_config: Mapping[str, Any]) -> tuple[DictConfig, NodeSettings]:
-    """This client's configuration: the run's, with the institution's own settings applied.
-
-    Checked like the run config, before any data is read; the merged result goes through
-    :func:`validate` again, so `batch-size=0` fails exactly as `train.batch_size=0` would.
-    """
-    unknown = sorted(set(node_config) - set(NODE_KEYS))
-    _require(not unknown, "node-config", f"unknown key(s) {unknown}",
-             "use only " + ", ".join(f"{k} ({v[1]})" for k, v in NODE_KEYS.items()))
-    values = {k: _node_value(node_config, k) for k in node_config}
-    cfg = cfg.copy()
-    if "batch-size" in values:
-        cfg.train.batch_size = values["batch-size"]
-    if "device" in values:
-        cfg.train.device = values["device"]
-    if "epsilon" in values:
-        _require(values["epsilon"] > 0, "node-config epsilon", f"{values['epsilon']} <= 0",
-                 "give the institution a positive budget, e.g. epsilon=4")
-        _require(bool(cfg.privacy.enabled), "node-config epsilon", "the run has privacy off",
-                 "drop epsilon from the node config, or run with privacy on")
-        run_budget = cfg.privacy.epsilon
-        cfg.privacy.epsilon = values["epsilon"] if run_budget is None else min(float(run_budget), values["epsilon"])
-    validate(cfg)
-    has_slot = "partition-id" in values and "num-partitions" in values
-    partition = (int(values["partition-id"]), int(values["num-partitions"])) if has_slot else None
-    if partition is not None:
-        _require(0 <= partition[0] < partition[1], "node-config partition-id",
-                 f"{partition[0]} is not in [0, num-partitions={partition[1]})", "fix the slot numbers")
-    data_path = values.get("data-path")
-    _require(data_path is not None or partition is not None, "node-config",
-             "neither data-path nor partition-id is set",
-             "start the SuperNode with --node-config 'data-path=\"/path/to/records.csv\" "
-             "state-dir=\"/path/to/state\"'")
-    state_dir = values.get("state-dir")
-    if data_path is not None and cfg.privacy.enabled:
-        _require(not cfg.privacy.seeded_noise, "privacy.seeded_noise",
-                 "noise derived from the run's seed can be removed by anyone who knows the seed",
-                 "leave privacy.seeded_noise=false in deployment (each institution's noise then comes "
-                 "from its own secret key in state-dir)")
-        # In deployment the ledger must outlive the SuperNode: context.state is in its memory.
-        _require(state_dir is not None, "node-config state-dir",
-                 "is missing, so a restarted SuperNode would forget the epsilon already spent",
-                 "add state-dir=\"/path/on/the/institution/disk\" to --node-config")
-    if state_dir is None and data_path is None and cfg.output_dir is not None:
-        # Simulation: every client is on this machine; the ledger goes next to the run's outputs.
-        state_dir = str(Path(cfg.output_dir) / "client-state" / f"partition-{partition[0]}")
-    if state_dir is not None:
-        _require(Path(state_dir).is_absolute(), "node-config state-dir", f"{state_dir!r} is not absolute",
-                 "use an absolute path")
-    return cfg, NodeSettings(data_path, state_dir, partition)

@@ -26,8 +26,10 @@ from transformers import (
 )
 
 from fed_dp_lora.config import ConfigError
+from fed_dp_lora.console import drop_opacus_root_handler, quiet_loading, without_peft_deprecation_notice
 
 log = logging.getLogger(__name__)
+drop_opacus_root_handler()  # every process that trains or evaluates imports this module
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 HEAD_MODULES = ["classifier", "score"]  # sequence-classification heads of BERT- and Llama-style models
@@ -192,10 +194,49 @@ def _zero_head(model: PreTrainedModel) -> None:
 
 
 def load_tokenizer(cfg: DictConfig) -> PreTrainedTokenizerBase:
+    """The model's tokenizer, padding and truncating on the right whatever its own default.
+
+    Batches are cut to a width from the left edge (training.Encoded), and a record's tokens must
+    sit at the same positions whichever batch it is in: with left padding a record's input would
+    depend on the other records of its batch.
+    """
     tok = AutoTokenizer.from_pretrained(model_source(cfg))
+    tok.padding_side = "right"
+    tok.truncation_side = "right"
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
+
+
+def _from_pretrained(auto_class: type, source: str, **kwargs) -> PreTrainedModel:
+    """from_pretrained without transformers' load report and progress bar, which on every client
+    listed the classification head as missing (it always is: it is new, and starts at zero).
+
+    What the report would say that matters is said here: base weights missing from the
+    checkpoint (a warning: they start random) or of other shapes (an error). A head of other
+    shapes (a checkpoint fine-tuned for another label count) is replaced anyway.
+    """
+    with quiet_loading():
+        model, info = auto_class.from_pretrained(
+            source, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs
+        )
+
+    def base(keys) -> list[str]:
+        return sorted(k for k in keys if k.split(".")[0] not in HEAD_MODULES)
+
+    mismatched = base(k[0] for k in info["mismatched_keys"])
+    if mismatched:
+        raise ConfigError(
+            f"model.name: {source} holds {len(mismatched)} weights whose shapes differ from its "
+            f"config ({', '.join(mismatched[:3])}). Fix: use a checkpoint saved with its config.json"
+        )
+    missing = base(info["missing_keys"])
+    if missing:
+        log.warning(
+            "model.name: %s lacks %d base weights (%s); they start random. Fix: point model.name "
+            "at a checkpoint of this architecture", source, len(missing), ", ".join(missing[:3]),
+        )
+    return model
 
 
 def load_base(cfg: DictConfig, num_labels: int | None) -> PreTrainedModel:
@@ -209,16 +250,13 @@ def load_base(cfg: DictConfig, num_labels: int | None) -> PreTrainedModel:
     torch.manual_seed(int(cfg.lora.init_seed))
     source = model_source(cfg)
     if cfg.model.task == "classification":
-        model = AutoModelForSequenceClassification.from_pretrained(
-            source, num_labels=num_labels, **kwargs
-        )
+        model = _from_pretrained(AutoModelForSequenceClassification, source, num_labels=num_labels, **kwargs)
         if model.config.pad_token_id is None:
             model.config.pad_token_id = model.config.eos_token_id
-    else:
-        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
-    if cfg.model.task == "classification":
         _set_pooling(model, str(cfg.model.pooling))
         _zero_head(model)
+    else:
+        model = _from_pretrained(AutoModelForCausalLM, source, **kwargs)
     if cfg.model.keep_layers is not None:
         _truncate_layers(model, int(cfg.model.keep_layers))
     if quant is None:
@@ -255,7 +293,8 @@ def add_lora(model: PreTrainedModel, cfg: DictConfig) -> PeftModel:
     """
     torch.manual_seed(int(cfg.lora.init_seed))
     try:
-        peft_model = get_peft_model(model, lora_config(cfg))
+        with without_peft_deprecation_notice():
+            peft_model = get_peft_model(model, lora_config(cfg))
     except ValueError as err:
         raise ConfigError(
             f"lora.target_modules: {_targets(cfg)} do not match this model "

@@ -8,9 +8,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+from fed_dp_lora.files import write_atomic
 from fed_dp_lora.privacy.accountant import ACCOUNTANT_NAMES
 
 PRIVACY_UNIT = "record: one row (one sequence) of one client's data; epsilon is per client"
+RELATION = ("add/remove one record of one institution (its record count is private: sampling rate, steps, "
+            "delta and aggregation weights come from the count it declares publicly, node-config `records`)")
+REPLY = "only the keys of fed_dp_lora/reply.py: the adapter, public or accounted metrics, fixed error texts"
 USER_PRIVACY_UNIT = (
     "client: one institution's whole contribution (all its records, every round); neighbouring "
     "runs differ by one client's update being replaced by none"
@@ -35,7 +39,8 @@ class RunReport:
         self.clients: dict[str, dict[str, float]] = {}  # latest privacy figures per client
         self.majority_baseline: dict[str, float] | None = None
         self.user_level: dict[str, Any] | None = None  # set by DP-FedAvg: the user-level guarantee
-        self.audit: dict[str, Any] | None = None
+        self.audit: dict[str, Any] | None = None  # the input-canary audit of the final global adapter
+        self.release_audit: dict[str, Any] | None = None  # the audit of one client's releases
         self.run: dict[str, Any] = {"study": None, "resumed_after_round": [], "stopped": None}
         self.started = time.time()
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -130,6 +135,8 @@ class RunReport:
             "privacy": {
                 "enabled": bool(privacy["enabled"]),
                 "unit": PRIVACY_UNIT,
+                "relation": RELATION,
+                "client_replies": REPLY,
                 "accountant": ACCOUNTANT_NAMES[privacy["accountant"]],
                 "budget": privacy["epsilon"],
                 "delta": per_client("delta"),
@@ -140,7 +147,7 @@ class RunReport:
                 "clip_norm": privacy["clip_norm"],
                 "noise_source": SEEDED_NOISE if privacy.get("seeded_noise") else SECRET_NOISE,
                 "user_level": self.user_level or {"enabled": False, "unit": USER_PRIVACY_UNIT},
-                **({"audit": self.audit} if self.audit is not None else {}),
+                **({"audit": self._audits()} if self.audit is not None or self.release_audit is not None else {}),
             },
             "communication": {
                 "up": sum(r["bytes"]["up"] for r in self.rounds),
@@ -149,9 +156,10 @@ class RunReport:
             },
         }
 
+    def _audits(self) -> dict[str, Any]:
+        """privacy.audit: the input-canary audit's fields, and `release` for the release audit."""
+        release = {"release": self.release_audit} if self.release_audit is not None else {}
+        return {**(self.audit or {}), **release}
+
     def write(self) -> Path:
-        path = self.out_dir / "summary.json"
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(self.summary(), indent=2))
-        tmp.replace(path)
-        return path
+        return write_atomic(self.out_dir / "summary.json", json.dumps(self.summary(), indent=2).encode())

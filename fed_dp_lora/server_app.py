@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import random
 import time
-from logging import INFO
+from logging import INFO, WARNING
 from pathlib import Path
 
 import torch
@@ -17,6 +17,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
 from fed_dp_lora import checkpoint
+from fed_dp_lora.audit.release import ReleaseAudit
 from fed_dp_lora.canary_audit import CanaryAudit
 from fed_dp_lora.central import CentralEvaluator
 from fed_dp_lora.config import load_config, to_plain
@@ -51,12 +52,15 @@ def main(grid: Grid, context: Context) -> None:
     central = CentralEvaluator(cfg)
     initial = central.initial_state()
     audit = CanaryAudit(cfg, central, initial) if cfg.audit.enabled else None
+    release_audit = ReleaseAudit(cfg, initial) if cfg.audit.release.enabled else None
     report.majority_baseline = central.majority
     if central.majority:
         log(INFO, "Majority-class baseline on the central test set: %s", central.majority)
 
     rounds, interval = int(cfg.rounds), int(cfg.eval.interval)
     strategy = None if cfg.secagg else build_strategy(cfg, report)
+    if strategy is not None and release_audit is not None:
+        strategy.release_observer = release_audit.observe
     start_arrays = dict(initial)
     if resumed is None:
         report.run["study"] = checkpoint.new_study()
@@ -67,9 +71,12 @@ def main(grid: Grid, context: Context) -> None:
         strategy.load_state_dict(resumed.strategy)
         resumed.restore_rng()
         start_arrays = dict(resumed.adapter)
+        if release_audit is not None and resumed.audit is not None:
+            release_audit.load_state_dict(resumed.audit)
         log(INFO, "fed-dp-lora: resuming study %s after round %d of %d", report.run["study"],
             resumed.completed_round, rounds)
     final = dict(start_arrays)
+    report.write()  # from the start, so the live dashboard shows the run before its first round ends
 
     def evaluate_state(server_round: int, state: dict[str, torch.Tensor]) -> dict[str, float] | None:
         # Round 0 (the initial adapter) is evaluated only when every round is.
@@ -95,18 +102,31 @@ def main(grid: Grid, context: Context) -> None:
     else:
         assert strategy is not None
 
-        def after_round(server_round: int, arrays: ArrayRecord) -> None:
-            evaluate_state(server_round, arrays.to_torch_state_dict())
+        def save_checkpoint(server_round: int, adapter: dict[str, torch.Tensor]) -> None:
             report.run["stopped"] = strategy.stop_reason
             checkpoint.save(out, checkpoint.Checkpoint(
                 study=report.run["study"], completed_round=server_round, config=report.config,
-                adapter=dict(final), strategy=strategy.state_dict(), report=report.state_dict(),
+                adapter=dict(adapter), strategy=strategy.state_dict(), report=report.state_dict(),
                 python_rng=random.getstate(),
+                audit=release_audit.state_dict() if release_audit is not None else None,
             ))
+
+        def after_round(server_round: int, arrays: ArrayRecord) -> None:
+            state = arrays.to_torch_state_dict()
+            if release_audit is not None:
+                report.release_audit = release_audit.result()
+            # The strategy's state (DP-FedAvg's noise RNG and ledger) is on disk before any
+            # artefact of the round: a crash in between never replays a noise draw on a resume.
+            save_checkpoint(server_round, state)
+            evaluate_state(server_round, state)
+            save_checkpoint(server_round, state)  # again, now with the round's metrics
 
         first = 1 if resumed is None else resumed.completed_round + 1
         if resumed is None:
             evaluate_state(0, initial)
+        elif not (out / "adapters" / f"round-{resumed.completed_round}").is_dir():
+            # The stop came between the checkpoint and the round's outputs: write them now.
+            evaluate_state(resumed.completed_round, dict(resumed.adapter))
         if resumed is not None and resumed.report["run"]["stopped"]:
             log(INFO, "fed-dp-lora: the run had stopped early (%s); nothing to resume", resumed.report["run"]["stopped"])
         else:
@@ -117,6 +137,9 @@ def main(grid: Grid, context: Context) -> None:
         report.audit = audit.result(final, *report.claim())
         log(INFO, "Privacy audit: epsilon lower bound %.3f at %.0f%% confidence (claimed: %s)",
             report.audit["epsilon_lower"], 100 * report.audit["confidence"], report.audit["claimed_epsilon"])
+    if release_audit is not None:
+        report.release_audit = release_audit.result()
+        log(INFO if release_audit.rounds else WARNING, release_audit.progress_line())
     tracker.close()
     log(INFO, "fed-dp-lora: summary written to %s", report.write())
     log(INFO, "fed-dp-lora: report written to %s", write_report(report.summary(), out)[1])

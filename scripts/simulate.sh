@@ -3,6 +3,9 @@
 # Extra arguments go to `flwr run`, e.g.: scripts/simulate.sh -c 'overrides="privacy.epsilon=4"'
 # Uses a project-local FLWR_HOME (.flwr/), its own local SuperLink (stopped by PID at the
 # end), and never lets Flower reinstall the app's dependencies per run (that would pull torch).
+# Ends with one line: "Outputs: DIR" (exit 0), or why the run was refused (exit 2, before it
+# starts), failed or stopped (exit 1), naming the key or file and the fix
+# (fed_dp_lora/deploy/flwr_run.py).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export FLWR_HOME=${FLWR_HOME:-$PWD/.flwr}
@@ -22,7 +25,6 @@ stop_superlink() {
 }
 trap stop_superlink EXIT
 
-flwr run . --stream \
+python -m fed_dp_lora.deploy.flwr_run . \
   --federation-config "num-supernodes=$NODES client-resources-num-cpus=${CPUS_PER_CLIENT:-1}" \
   -c "output-dir=\"$OUT\"" "$@"
-echo "Outputs: $OUT (summary.json, adapters/round-N)"

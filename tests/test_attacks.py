@@ -10,7 +10,7 @@ from fed_dp_lora.attacks import attack, is_malicious, malicious_partitions
 from fed_dp_lora.client_app import app as client_app
 from fed_dp_lora.config import load_config, to_plain
 from fed_dp_lora.experiments.inprocess import InProcessGrid
-from fed_dp_lora.local_round import cached_model
+from fed_dp_lora.client_data import cached_model
 from fed_dp_lora.models import trainable_state
 from fed_dp_lora.report import RunReport
 from fed_dp_lora.strategies import build_strategy
@@ -55,9 +55,9 @@ def test_malformed_attacks_are_malformed():
 
 @pytest.mark.usefixtures("task_identity")
 @pytest.mark.parametrize("kind, reason", [("non-finite", "NaN or Inf"), ("wrong-shape", "shape")])
-def test_real_attacking_client_is_rejected_by_the_server(tmp_path, kind, reason):
+def test_real_attacking_client_is_rejected_by_the_server(tmp_path, tiny_models, kind, reason):
     overrides = (f"+preset=tiny train.batch_size=16 train.epochs=0.001 privacy=none attack.fraction=0.5 "
-                 f"attack.kind={kind} strategy.min_train_clients=1")
+                 f"attack.kind={kind} strategy.min_train_clients=1 {tiny_models.classifier[0]}")
     cfg = load_config({"overrides": overrides, "output-dir": ""})
     contexts = {
         1000 + i: Context(run_id=7, node_id=1000 + i, node_config={"partition-id": i, "num-partitions": 2},

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import pytest
+
 from fed_dp_lora.config import compose_config, validate
 from fed_dp_lora.experiments.audit_power import POWER_SETTINGS, audited_run
+
+# The audit's power is a property of real training on the packaged model: slow tier.
+pytestmark = pytest.mark.slow
 
 
 def config(*extra: str):

@@ -39,8 +39,9 @@ def test_largest_fitting_lets_other_errors_through():
         largest_fitting(run)
 
 
-def test_the_server_evaluates_with_auto_batches_as_with_any_other(make_cfg):
-    cfg = make_cfg("data.test_fraction=0.05", "train.max_length=64")  # records of several lengths
+def test_the_server_evaluates_with_auto_batches_as_with_any_other(tiny_cfg):
+    # Records of several lengths: the tiny BERT's tokenizer spends 70-96 tokens on one.
+    cfg = tiny_cfg("data.test_fraction=0.05", "train.max_length=128")
     central = CentralEvaluator(cfg)
     assert central.batch_size == CPU_EVAL_BATCH and len(central.test) > CPU_EVAL_BATCH
     assert not torch.equal(by_length(central.test), torch.arange(len(central.test)))  # batched out of order

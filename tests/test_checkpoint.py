@@ -20,7 +20,8 @@ from fed_dp_lora.experiments.inprocess import InProcessGrid, run_federation
 
 # seeded_noise: two separate runs (the uninterrupted one and the stopped one) draw the same noise.
 RECORD_DP = "+preset=tiny rounds=2 train.batch_size=16 train.epochs=0.05 privacy.epsilon=4 privacy.seeded_noise=true"
-# Default secret noise on the clients (keys under output-dir/client-state) and DP-FedAvg on the server.
+# Default secret noise on the clients (keys in their state dirs, outside output-dir) and DP-FedAvg on
+# the server.
 USER_DP = ("+preset=tiny rounds=3 privacy.noise_multiplier=1.0 train.batch_size=16 train.epochs=0.05 strategy=dp-fedavg "
            "strategy.noise_multiplier=0.3 strategy.adaptive=true strategy.clip_norm=0.05 "
            "strategy.clipped_count_stddev=1.0")
@@ -53,6 +54,7 @@ def stopped_run(overrides: str, clients: int, out, stop_round: int, after_traini
         run_federation(overrides, clients, out, grid_class=grid)
 
 
+@pytest.mark.slow
 def test_resume_after_a_stop_mid_round_equals_the_uninterrupted_run(tmp_path):
     whole = run_federation(RECORD_DP, 3, tmp_path / "whole")
 
@@ -77,13 +79,18 @@ def test_resume_after_a_stop_mid_round_equals_the_uninterrupted_run(tmp_path):
     assert resumed["final"]["balanced_accuracy"] == pytest.approx(whole["final"]["balanced_accuracy"], abs=1e-6)
 
 
-def test_resumed_strategy_state_continues_its_own_streams(tmp_path):
+@pytest.mark.slow
+def test_resumed_strategy_state_continues_its_own_streams(tmp_path, monkeypatch):
     """DP-FedAvg with adaptive clipping: clip norm, user-level ledger and noise RNG continue;
-    the clients' secret keys continue their streams too (they live under output-dir)."""
+    the clients' secret keys continue their streams too (they live in the clients' state dirs).
+    The server's outputs and the clients' state dirs are copied, and both copies resumed."""
+    monkeypatch.setenv("FED_DP_LORA_STATE", str(tmp_path / "clients-b"))
     stopped_run(USER_DP, 3, tmp_path / "b", stop_round=2, after_training=False)
     saved = checkpoint.load(tmp_path / "b").strategy["dp"]
     shutil.copytree(tmp_path / "b", tmp_path / "c")
+    shutil.copytree(tmp_path / "clients-b", tmp_path / "clients-c")
     b = run_federation(USER_DP, 3, tmp_path / "b", resume=True)
+    monkeypatch.setenv("FED_DP_LORA_STATE", str(tmp_path / "clients-c"))
     c = run_federation(USER_DP, 3, tmp_path / "c", resume=True)
 
     user = b["privacy"]["user_level"]
@@ -96,6 +103,32 @@ def test_resumed_strategy_state_continues_its_own_streams(tmp_path):
     assert user["epsilon"] == c["privacy"]["user_level"]["epsilon"]
     assert b["privacy"]["epsilon"] == c["privacy"]["epsilon"] and "secret key" in b["privacy"]["noise_source"]
     assert len(b["rounds"]) == 3 and b["run"]["resumed_after_round"] == [1]
+
+
+@pytest.mark.slow
+def test_a_stop_between_the_checkpoint_and_the_round_outputs_replays_no_server_noise(tmp_path, monkeypatch):
+    """DP-FedAvg's noise RNG and ledger are saved before any artefact of the round: a stop in
+    between resumes at the next round (no noise drawn twice) and writes the missing outputs."""
+    from fed_dp_lora.central import CentralEvaluator
+
+    real = CentralEvaluator.save_adapter
+    calls = []
+
+    def dies_once(self, state, folder):
+        calls.append(folder.name)
+        if len(calls) == 1:
+            raise ServerStopped("between the checkpoint and the adapter folder")
+        return real(self, state, folder)
+
+    monkeypatch.setattr(CentralEvaluator, "save_adapter", dies_once)
+    with pytest.raises(ServerStopped):
+        run_federation(USER_DP.replace("rounds=3", "rounds=2"), 3, tmp_path)
+    saved = checkpoint.load(tmp_path)
+    assert saved.completed_round == 1 and not (tmp_path / "adapters" / "round-1").exists()
+    resumed = run_federation(USER_DP.replace("rounds=3", "rounds=2"), 3, tmp_path, resume=True)
+    assert [r["round"] for r in resumed["rounds"]] == [1, 2] and resumed["privacy"]["user_level"]["rounds"] == 2
+    assert (tmp_path / "adapters" / "round-1").is_dir() and (tmp_path / "adapters" / "round-2").is_dir()
+    assert calls[:2] == ["round-1", "round-1"]  # the missing round-1 outputs, written on resume
 
 
 def test_outputs_are_never_mixed_up(tmp_path):

@@ -1,12 +1,12 @@
 """The real ClientApp, called directly: `client_app.app(msg, context)`.
 
 Flower keeps one Context per node between messages and (in deployment) starts a new
-ClientApp process per message, so everything a client must remember (its privacy ledger)
-has to live in `context.state`. These tests drive the app the way the runtime does and
-check replies, metrics and the state left behind.
+ClientApp process per message, so everything a client must remember lives in `context.state`
+and, for an institution, in its state dir. These tests drive the app the way the runtime does
+and check replies, metrics and the state left behind.
 
-Each call trains one Poisson step (train.epochs is tiny, so epochs / q rounds to 0 and the
-round plans max(1, 0) = 1 step) on an expected batch of 16: about a second on CPU.
+Each call trains one Poisson step (train.epochs is tiny, so the round plans one step) on an
+expected batch of 16: about a second on CPU.
 """
 
 from __future__ import annotations
@@ -16,60 +16,21 @@ import shutil
 import pandas as pd
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.app import ConfigRecord
 
-from fed_dp_lora import local_round
-from fed_dp_lora.client_app import LEDGER_KEY, REFUSED_BUDGET, REFUSED_CONFIG, REFUSED_LEDGER, app
+from fed_dp_lora import client_round, local_log
+from fed_dp_lora.client_app import LEDGER_KEY, app
+from fed_dp_lora.client_data import cached_model
 from fed_dp_lora.config import load_config
-from fed_dp_lora.data.sources import CREDIT_LABELS, credit_table
-from fed_dp_lora.local_round import cached_model
 from fed_dp_lora.models import trainable_state
 from fed_dp_lora.privacy.accountant import PrivacyLedger
-from fed_dp_lora.privacy.ledger_store import ClientStateDir
-
-FAST = "+preset=tiny train.batch_size=16 train.epochs=0.001"
-FIXED_NOISE = f"{FAST} privacy.noise_multiplier=1.0 rounds=3"
-SIM_NODE = {"partition-id": 0, "num-partitions": 3}
-
+from fed_dp_lora.privacy.ledger_store import InstitutionState
+from fed_dp_lora.reply import REFUSAL_TEXT, Refusal
+from tests.client_helpers import (FAST, FIXED_NOISE, STUDY, arrays_of, bank_file, global_adapter,
+                                  institution_config, ledger_of, make_context, ok_metrics, run_config,
+                                  train_message)
 
 pytestmark = pytest.mark.usefixtures("task_identity")
-
-
-def run_config(overrides: str) -> dict:
-    return {"overrides": overrides, "output-dir": ""}
-
-
-def make_context(overrides: str, node_config: dict | None = None, node_id: int = 11) -> Context:
-    return Context(
-        run_id=7,
-        node_id=node_id,
-        node_config=dict(SIM_NODE if node_config is None else node_config),
-        state=RecordDict(),
-        run_config=run_config(overrides),
-    )
-
-
-def global_adapter(overrides: str) -> dict[str, torch.Tensor]:
-    """A valid global adapter for this config (the process-wide model's trainable tensors)."""
-    return trainable_state(cached_model(load_config(run_config(overrides))))
-
-
-def train_message(state: dict[str, torch.Tensor], server_round: int, node_id: int = 11,
-                  study: str | None = None) -> Message:
-    config = {"server-round": server_round, **({"study-id": study} if study else {})}
-    content = RecordDict({"arrays": ArrayRecord(state), "config": ConfigRecord(config)})
-    return Message(content, dst_node_id=node_id, message_type=MessageType.TRAIN)
-
-
-def ok_metrics(reply: Message) -> dict[str, float]:
-    assert not reply.has_error(), reply.error
-    assert set(reply.content.array_records) == {"arrays"}
-    return dict(reply.content.metric_records["metrics"])
-
-
-def ledger_of(context: Context) -> dict | None:
-    record = context.state.config_records.get(LEDGER_KEY)
-    return None if record is None else dict(record)
 
 
 def ledger_from_metrics(*rounds: dict[str, float]) -> PrivacyLedger:
@@ -80,38 +41,33 @@ def ledger_from_metrics(*rounds: dict[str, float]) -> PrivacyLedger:
     return ledger
 
 
+def assert_refused(reply, code: Refusal) -> None:
+    assert reply.has_error() and not reply.has_content()
+    assert reply.error.code == code, reply.error
+    assert reply.error.reason == REFUSAL_TEXT[code], "a refusal's text must be the fixed one"
+
+
 def test_ledger_in_context_state_composes_epsilon_over_rounds():
     state = global_adapter(FIXED_NOISE)
     context = make_context(FIXED_NOISE)
 
     m1 = ok_metrics(app(train_message(state, 1), context))
     assert m1["noise-multiplier"] == 1.0 and m1["steps"] == 1 and m1["steps-total"] == 1
-    ledger1 = ledger_of(context)
-    assert ledger1 is not None, "no privacy ledger in context.state after a DP round"
-    assert ledger1["steps"] == [1] and ledger1["noise"] == [1.0]
+    assert ledger_of(context)["steps"] == [1] and ledger_of(context)["noise"] == [1.0]
     assert m1["epsilon"] == pytest.approx(ledger_from_metrics(m1).epsilon(), rel=1e-12)
 
     # Round 2 on the same Context object, as the runtime keeps it between messages.
     m2 = ok_metrics(app(train_message(state, 2), context))
-    both = ledger_from_metrics(m1, m2)
-    assert m2["epsilon"] == pytest.approx(both.epsilon(), rel=1e-12)
-    assert m2["epsilon"] > m1["epsilon"] * 1.01
-    assert m2["steps-total"] == m1["steps"] + m2["steps"] == 2
+    assert m2["epsilon"] == pytest.approx(ledger_from_metrics(m1, m2).epsilon(), rel=1e-12)
+    assert m2["epsilon"] > m1["epsilon"] * 1.01 and m2["steps-total"] == 2
     assert ledger_of(context)["steps"] == [1, 1]
 
-    # A fresh Context (no ledger) restarts at the round-1 epsilon: nothing else carries it ...
-    fresh = make_context(FIXED_NOISE)
-    m_fresh = ok_metrics(app(train_message(state, 2), fresh))
-    assert m_fresh["epsilon"] == pytest.approx(m1["epsilon"], rel=1e-12)
-    assert m_fresh["steps-total"] == 1
-
-    # ... while a new Context holding only a copy of the ledger (what a new deployment
-    # process gets back from the SuperNode) keeps composing.
+    # A new Context holding only a copy of the ledger (what a new deployment process gets back
+    # from the SuperNode) keeps composing.
     restored = make_context(FIXED_NOISE)
     restored.state[LEDGER_KEY] = ConfigRecord(ledger_of(context))
     m3 = ok_metrics(app(train_message(state, 3), restored))
     assert m3["epsilon"] == pytest.approx(ledger_from_metrics(m1, m2, m3).epsilon(), rel=1e-12)
-    assert m3["epsilon"] > m2["epsilon"] and m3["steps-total"] == 3
 
 
 def test_second_round_refused_when_the_planned_budget_is_spent():
@@ -119,79 +75,57 @@ def test_second_round_refused_when_the_planned_budget_is_spent():
     overrides = f"{FAST} privacy.epsilon=2 rounds=1"
     state = global_adapter(overrides)
     context = make_context(overrides)
-
     m1 = ok_metrics(app(train_message(state, 1), context))
     assert 1.9 < m1["epsilon"] <= 2.0 * (1 + 1e-9)
     ledger_before = ledger_of(context)
 
     sent = {k: v + 0.01 for k, v in state.items()}  # a new global adapter for round 2
-    reply = app(train_message(sent, 2), context)
-
-    assert reply.has_error() and not reply.has_content()
-    assert reply.error.code == REFUSED_BUDGET
-    assert "budget 2" in reply.error.reason, reply.error.reason
+    assert_refused(app(train_message(sent, 2), context), Refusal.BUDGET)
     assert ledger_of(context) == ledger_before, "a refused round must not touch the ledger"
     # No step was taken: the client's model holds exactly the adapter it was sent.
     model_now = trainable_state(cached_model(load_config(run_config(overrides))))
-    assert model_now.keys() == sent.keys()
-    for key in sent:
-        assert torch.equal(model_now[key], sent[key]), key
+    assert all(torch.equal(model_now[k], sent[k]) for k in sent)
 
 
-def test_missing_data_file_is_a_config_refusal_naming_the_file(tmp_path):
+def test_a_missing_file_is_refused_with_a_fixed_text_and_logged_locally(tmp_path):
     missing = tmp_path / "institution-7.csv"
-    context = make_context(FIXED_NOISE, node_config={"data-path": str(missing), "state-dir": str(tmp_path / "s")})
-    reply = app(train_message(global_adapter(FIXED_NOISE), 1), context)
-
-    assert reply.has_error() and not reply.has_content()
-    assert reply.error.code == REFUSED_CONFIG
-    assert str(missing) in reply.error.reason and "DataError" in reply.error.reason
+    context = make_context(FIXED_NOISE, institution_config(missing, tmp_path / "s"))
+    assert_refused(app(train_message(global_adapter(FIXED_NOISE), 1, study=STUDY), context), Refusal.DATA)
     assert ledger_of(context) is None
+    [event] = local_log.read(tmp_path / "s")
+    assert event["event"] == "refused" and str(missing) in event["detail"]
 
 
-def test_deployment_node_trains_on_its_data_path_file(tmp_path):
-    table = credit_table("classification").sample(n=40, random_state=3)
-    csv = tmp_path / "bank.csv"
-    pd.DataFrame(
-        {"text": table["text"], "label": [CREDIT_LABELS[i] for i in table["label"]]}
-    ).to_csv(csv, index=False)
-
+def test_an_institution_sends_its_declared_count_never_its_file_count(tmp_path):
+    csv = bank_file(tmp_path / "bank.csv", 40)
     state = global_adapter(FIXED_NOISE)
-    context = make_context(FIXED_NOISE, node_config={"data-path": str(csv), "state-dir": str(tmp_path / "s")})
-    reply = app(train_message(state, 1), context)
+    node = institution_config(csv, tmp_path / "s", records=64)
+    reply = app(train_message(state, 1, study=STUDY), make_context(FIXED_NOISE, node))
     m = ok_metrics(reply)
-
-    assert m["num-examples"] == 40  # the file's records, not a simulation partition
-    assert "partition-id" not in m
-    assert m["sample-rate"] == pytest.approx(16 / 40)
-    assert m["delta"] == pytest.approx(1 / (10 * 40))  # delta from this file's n
-    assert ledger_of(context)["steps"] == [int(m["steps"])]
-
-    returned = reply.content["arrays"].to_torch_state_dict()
-    assert returned.keys() == state.keys()
-    changed = [k for k in state if not torch.equal(returned[k], state[k])]
+    assert m["num-examples"] == 64 and "partition-id" not in m
+    assert m["sample-rate"] == pytest.approx(16 / 64) and m["delta"] == pytest.approx(1 / 640)
+    changed = [k for k in state if not torch.equal(arrays_of(reply)[k], state[k])]
     assert changed, "the adapter came back unchanged: no training happened"
+    [event] = local_log.read(tmp_path / "s")
+    assert event["records-used"] == 40 and "train-loss" in event and "train-seconds" in event
 
 
-# --- deployment: the ledger on the institution's disk, kept releases, the noise key ----------
+def test_more_records_than_declared_is_refused_by_policy(tmp_path):
+    csv = bank_file(tmp_path / "bank.csv", 40)
+    context = make_context(FIXED_NOISE, institution_config(csv, tmp_path / "s", records=30))
+    assert_refused(app(train_message(global_adapter(FIXED_NOISE), 1, study=STUDY), context), Refusal.POLICY)
+    assert "declare records >= 40" in local_log.read(tmp_path / "s")[0]["detail"]
 
-STUDY = "study-1"
 
+# --- the institution's disk: ledger, kept releases, noise key, owner -----------------------------
 
 @pytest.fixture(scope="module")
 def bank_csv(tmp_path_factory):
-    table = credit_table("classification").sample(n=60, random_state=5)
-    csv = tmp_path_factory.mktemp("bank") / "bank.csv"
-    pd.DataFrame({"text": table["text"], "label": [CREDIT_LABELS[i] for i in table["label"]]}).to_csv(csv, index=False)
-    return csv
+    return bank_file(tmp_path_factory.mktemp("bank") / "bank.csv", 60)
 
 
-def institution(bank_csv, state_dir, **extra) -> Context:
-    return make_context(FIXED_NOISE, node_config={"data-path": str(bank_csv), "state-dir": str(state_dir), **extra})
-
-
-def arrays_of(reply: Message) -> dict[str, torch.Tensor]:
-    return reply.content["arrays"].to_torch_state_dict()
+def institution(bank_csv, state_dir, overrides: str = FIXED_NOISE, node_id: int = 11, **extra):
+    return make_context(overrides, institution_config(bank_csv, state_dir, **extra), node_id=node_id)
 
 
 def test_ledger_survives_a_supernode_restart_on_the_institution_disk(bank_csv, tmp_path):
@@ -201,25 +135,23 @@ def test_ledger_survives_a_supernode_restart_on_the_institution_disk(bank_csv, t
     m2 = ok_metrics(app(train_message(state, 2, study=STUDY), institution(bank_csv, tmp_path)))
     assert m2["steps-total"] == m1["steps"] + m2["steps"]
     assert m2["epsilon"] == pytest.approx(ledger_from_metrics(m1, m2).epsilon(), rel=1e-12)
-    stored = ClientStateDir(tmp_path, STUDY).load_ledger()
-    assert stored.rounds == [1, 2] and stored.epsilon() == pytest.approx(m2["epsilon"], rel=1e-12)
-    assert ClientStateDir(tmp_path, "another-study").load_ledger() is None
+    stored = InstitutionState(tmp_path).load_ledger()
+    assert [r.round for r in stored.releases] == [1, 2]
+    assert stored.study(STUDY).epsilon() == pytest.approx(m2["epsilon"], rel=1e-12)
 
 
 def test_an_unreadable_ledger_makes_the_node_refuse_to_train(bank_csv, tmp_path, monkeypatch):
     state = global_adapter(FIXED_NOISE)
     ok_metrics(app(train_message(state, 1, study=STUDY), institution(bank_csv, tmp_path)))
-    path = ClientStateDir(tmp_path, STUDY).ledger_path
-    path.write_text('{"study": "study-1", "ledger": {"noise": [1.0]')  # torn / damaged
+    path = InstitutionState(tmp_path).ledger_path
+    path.write_text('{"ledger": {"version": 2, "noise": [1.0]')  # torn / damaged
     called = []
-    monkeypatch.setattr(local_round, "train_local", lambda *a, **k: called.append(1))
-    reply = app(train_message(state, 2, study=STUDY), institution(bank_csv, tmp_path))
-    assert reply.has_error() and reply.error.code == REFUSED_LEDGER
-    assert str(path) in reply.error.reason and "zero epsilon" in reply.error.reason
+    monkeypatch.setattr(client_round, "train_local", lambda *a, **k: called.append(1))
+    assert_refused(app(train_message(state, 2, study=STUDY), institution(bank_csv, tmp_path)), Refusal.LEDGER)
     assert called == [] and path.read_text().endswith("[1.0]")
 
 
-def test_a_round_trained_again_on_the_same_adapter_resends_its_update_at_no_cost(bank_csv, tmp_path):
+def test_a_round_asked_again_on_the_same_adapter_resends_its_update_at_no_cost(bank_csv, tmp_path):
     state = global_adapter(FIXED_NOISE)
     first = app(train_message(state, 1, study=STUDY), institution(bank_csv, tmp_path))
     m1 = ok_metrics(first)
@@ -228,12 +160,12 @@ def test_a_round_trained_again_on_the_same_adapter_resends_its_update_at_no_cost
     m_again = ok_metrics(again)
     assert m_again["replayed"] == 1.0 and m_again["epsilon"] == m1["epsilon"]
     assert all(torch.equal(arrays_of(again)[k], arrays_of(first)[k]) for k in state)
-    assert ClientStateDir(tmp_path, STUDY).load_ledger().rounds == [1]
+    assert len(InstitutionState(tmp_path).load_ledger().releases) == 1
     # A different global adapter for the same round is a new release, and is counted.
     other = {k: v + 0.01 for k, v in state.items()}
     m_other = ok_metrics(app(train_message(other, 1, study=STUDY), institution(bank_csv, tmp_path)))
     assert m_other["replayed"] == 0.0 and m_other["steps-total"] == 2 * m1["steps"]
-    assert ClientStateDir(tmp_path, STUDY).load_ledger().rounds == [1, 1]
+    assert [r.round for r in InstitutionState(tmp_path).load_ledger().releases] == [1, 1]
 
 
 def test_the_noise_comes_from_the_institution_key(bank_csv, tmp_path):
@@ -244,25 +176,33 @@ def test_the_noise_comes_from_the_institution_key(bank_csv, tmp_path):
     (tmp_path / "c").mkdir()
     shutil.copy(tmp_path / "a" / "noise.key", tmp_path / "c" / "noise.key")
     c = arrays_of(app(train_message(state, 1, study=STUDY), institution(bank_csv, tmp_path / "c")))
-    assert all(torch.allclose(a[k], c[k], atol=1e-6) for k in state), "same key, same round: same draw"
+    assert all(torch.allclose(a[k], c[k], atol=1e-6) for k in state), "same key, round, adapter, attempt"
     d = arrays_of(app(train_message(state, 1, study="study-2"), institution(bank_csv, tmp_path / "c")))
     assert any(not torch.equal(a[k], d[k]) for k in state), "two studies must never share noise"
 
 
-def test_an_institution_budget_below_the_run_budget_calibrates_more_noise(bank_csv, tmp_path):
-    overrides = f"{FAST} privacy.epsilon=8 rounds=2"
+def test_the_lifetime_budget_spans_studies_so_a_new_study_cannot_reset_it(bank_csv, tmp_path):
+    overrides = f"{FAST} privacy.epsilon=8 rounds=1"
     state = global_adapter(overrides)
-    node = {"data-path": str(bank_csv), "state-dir": str(tmp_path / "x")}
-    loose = ok_metrics(app(train_message(state, 1, study=STUDY), make_context(overrides, node_config=node)))
-    strict_node = {**node, "state-dir": str(tmp_path / "y"), "epsilon": 1.0}
-    strict = ok_metrics(app(train_message(state, 1, study=STUDY), make_context(overrides, node_config=strict_node)))
-    assert strict["noise-multiplier"] > loose["noise-multiplier"] * 1.5
-    assert strict["epsilon"] <= 1.0 * (1 + 1e-9) < loose["epsilon"]
+    m1 = ok_metrics(app(train_message(state, 1, study="s1"), institution(bank_csv, tmp_path, overrides, epsilon=3.0)))
+    assert 2.9 < m1["epsilon"] <= 3.0 * (1 + 1e-9), "noise calibrated to the smaller, lifetime budget"
+    # A new study id from the server: the lifetime ledger still holds s1, so s2 gets only what
+    # is left: far more noise, and the lifetime epsilon stays within the institution's budget.
+    m2 = ok_metrics(app(train_message(state, 1, study="s2"), institution(bank_csv, tmp_path, overrides, epsilon=3.0)))
+    assert m2["noise-multiplier"] > 3 * m1["noise-multiplier"] and m2["epsilon"] < m1["epsilon"] / 5
+    lifetime = [e["lifetime-epsilon"] for e in local_log.read(tmp_path) if e["event"] == "round"]
+    assert lifetime[0] < lifetime[1] <= 3.0 * (1 + 1e-9)
+    # Nothing meaningful left: refused before training.
+    reply = app(train_message(state, 1, study="s3"), institution(bank_csv, tmp_path / "x", overrides, epsilon=1e-4))
+    assert_refused(reply, Refusal.BUDGET)
 
 
-def test_cold_start_load_and_train_times_are_reported(bank_csv, tmp_path):
-    m = ok_metrics(app(train_message(global_adapter(FIXED_NOISE), 1, study=STUDY), institution(bank_csv, tmp_path)))
-    assert m["load-seconds"] > 0 and m["train-seconds"] > 0 and m["startup-seconds"] >= 0
+def test_a_state_dir_belongs_to_one_node(bank_csv, tmp_path):
+    state = global_adapter(FIXED_NOISE)
+    ok_metrics(app(train_message(state, 1, study=STUDY), institution(bank_csv, tmp_path, node_id=11)))
+    other = app(train_message(state, 1, study=STUDY), institution(bank_csv, tmp_path, node_id=12))
+    assert_refused(other, Refusal.LEDGER)
+    assert "belongs to node 11" in local_log.read(tmp_path)[-1]["detail"]
 
 
 def test_int8_upload_sends_the_quantized_update_after_the_noise():
@@ -276,16 +216,26 @@ def test_int8_upload_sends_the_quantized_update_after_the_noise():
     assert all(arrays[k].numpy().dtype.name == "int8" for k in state)
 
 
+def test_the_declared_name_travels_as_public_metadata(bank_csv, tmp_path):
+    reply = app(train_message(global_adapter(FIXED_NOISE), 1, study=STUDY),
+                institution(bank_csv, tmp_path, name="bank-a"))
+    ok_metrics(reply)
+    assert dict(reply.content["node"]) == {"name": "bank-a"}
+
+
 def test_a_deployment_client_tokenizes_its_file_once(bank_csv, tmp_path, monkeypatch):
-    cfg = load_config(run_config(FIXED_NOISE))
-    node = {"data-path": str(bank_csv), "state-dir": str(tmp_path)}
-    first = local_round.client_data(cfg, node)
+    from fed_dp_lora import client_data as data_module
+    from fed_dp_lora.node_policy import apply_node_config
+
+    cfg, policy = apply_node_config(load_config(run_config(FIXED_NOISE)), institution_config(bank_csv, tmp_path))
+    first = data_module.client_data(cfg, policy)
     assert len(list(tmp_path.glob("tokens-*.pt"))) == 1
-    local_round._cached_client_data.cache_clear()  # a new process: only the disk remembers
-    monkeypatch.setattr(local_round, "load_table", lambda *a, **k: pytest.fail("the file was read again"))
-    again = local_round.client_data(cfg, node)
-    assert torch.equal(again.input_ids, first.input_ids) and torch.equal(again.labels, first.labels)
+    data_module._cached_table.cache_clear()  # a new process: only the disk remembers
+    monkeypatch.setattr(data_module, "load_table", lambda *a, **k: pytest.fail("the file was read again"))
+    again = data_module.client_data(cfg, policy)
+    assert torch.equal(again.encoded.input_ids, first.encoded.input_ids) and again.records == first.records
     monkeypatch.undo()
     edited = tmp_path / "edited.csv"
     pd.read_csv(bank_csv).head(10).to_csv(edited, index=False)
-    assert len(local_round.client_data(cfg, {**node, "data-path": str(edited)})) == 10
+    _, policy = apply_node_config(cfg, institution_config(edited, tmp_path))
+    assert len(data_module.client_data(cfg, policy).encoded) == 10

@@ -5,16 +5,11 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from fed_dp_lora import local_round
-from fed_dp_lora.config import (
-    ConfigError,
-    apply_node_config,
-    compose_config,
-    load_config,
-    resolve_delta,
-    to_plain,
-    validate,
-)
+from fed_dp_lora import client_round
+from fed_dp_lora.client_data import cached_model
+from fed_dp_lora.client_round import RoundRequest
+from fed_dp_lora.config import ConfigError, compose_config, load_config, to_plain, validate
+from fed_dp_lora.models import trainable_state
 from fed_dp_lora.data import client_partition
 
 
@@ -161,6 +156,11 @@ def test_wrong_type_names_key_and_fix(override, key):
         (["eval.batch_size=true"], "eval.batch_size"),
         (["strategy.fraction_train=0"], "strategy.fraction_train"),
         (["strategy.fraction_train=1.5"], "strategy.fraction_train"),
+        (["audit.release.guesses=201"], "audit.release.guesses"),  # half "in", half "out"
+        (["audit.release.guesses=1002"], "audit.release.guesses"),
+        (["audit.release.client=-1"], "audit.release.client"),
+        (["audit.release.enabled=yes"], "audit.release.enabled"),
+        (["audit.release.enabled=true", "secagg=true"], "audit.release"),
     ],
 )
 def test_invalid_value_names_key_and_fix(overrides, key):
@@ -200,27 +200,6 @@ def test_relative_output_dir_is_rejected(output_dir):
 # --- checks against the data ----------------------------------------------------------------
 
 
-def test_resolve_delta_default_is_one_tenth_over_n(make_cfg):
-    cfg = make_cfg()
-    assert resolve_delta(cfg, 1000) == pytest.approx(1e-4)
-    assert resolve_delta(cfg, 3) == pytest.approx(1 / 30)
-
-
-def test_resolve_delta_accepts_delta_below_one_over_n(make_cfg):
-    cfg = make_cfg("privacy.delta=0.001")
-    assert resolve_delta(cfg, 999) == 0.001
-
-
-@pytest.mark.parametrize("n", [1000, 2000, 10_000])  # 1/n = 0.001 exactly, then below
-def test_resolve_delta_rejects_delta_at_or_above_one_over_n(make_cfg, n):
-    cfg = make_cfg("privacy.delta=0.001")
-    with pytest.raises(ConfigError) as info:
-        resolve_delta(cfg, n)
-    message = str(info.value)
-    assert message.startswith("privacy.delta:")
-    assert f"{n} records" in message and "Fix:" in message and "null" in message
-
-
 def test_partition_count_larger_than_data(make_cfg):
     cfg = make_cfg()
     train = pd.DataFrame({"text": ["a", "b", "c"], "label": [0, 1, 0]})
@@ -232,28 +211,23 @@ def test_partition_count_larger_than_data(make_cfg):
 
 
 def test_delta_error_stops_the_round_before_any_training(make_cfg, monkeypatch):
-    """The client's data-dependent checks run before train_local is ever called."""
-    cfg = make_cfg("privacy.delta=0.01")  # 4 clients of ~890 records: 1/n ~ 0.0011 < delta
+    """The client's checks against its (public) record count run before train_local is ever called."""
+    cfg = make_cfg("privacy.delta=0.01")  # 4 clients of ~890 records: 1/records ~ 0.0011 < delta
     called = []
-    monkeypatch.setattr(local_round, "train_local", lambda *a, **k: called.append(1))
-    state = local_round.trainable_state(local_round.cached_model(cfg))
-    with pytest.raises(ConfigError, match=r"^privacy\.delta: 0\.01 >= 1/n"):
-        local_round.train_round(cfg, {"partition-id": 0, "num-partitions": 4}, state, None)
+    monkeypatch.setattr(client_round, "train_local", lambda *a, **k: called.append(1))
+    state = trainable_state(cached_model(cfg))
+    with pytest.raises(client_round.PolicyError, match=r"delta 0\.01 >= 1/records"):
+        client_round.train_round(cfg, {"partition-id": 0, "num-partitions": 4}, RoundRequest(state), None)
     assert called == []
 
 
 def test_partition_count_error_stops_the_round_before_any_training(make_cfg, monkeypatch):
     cfg = make_cfg()
     called = []
-    monkeypatch.setattr(local_round, "train_local", lambda *a, **k: called.append(1))
+    monkeypatch.setattr(client_round, "train_local", lambda *a, **k: called.append(1))
     with pytest.raises(ConfigError, match="^num-partitions"):
-        local_round.train_round(cfg, {"partition-id": 0, "num-partitions": 5000}, {}, None)
+        client_round.train_round(cfg, {"partition-id": 0, "num-partitions": 5000}, RoundRequest({}), None)
     assert called == []
-
-
-def test_node_without_data_or_partition_is_a_config_error(make_cfg):
-    with pytest.raises(ConfigError, match="data-path"):
-        local_round.client_data(make_cfg(), {})
 
 
 # --- strategies, SecAgg+ and attacks: what composes --------------------------------------
@@ -322,63 +296,7 @@ def test_refused_combination_stops_the_server_before_any_message(tmp_path):
     assert not (tmp_path / "summary.json").exists()
 
 
-# --- per-institution settings (node config) and resume ----------------------------------------
-
-def deployment(tmp_path, **extra) -> dict:
-    return {"data-path": str(tmp_path / "records.csv"), "state-dir": str(tmp_path / "state"), **extra}
-
-
-def test_node_settings_apply_to_this_client_only(make_cfg, tmp_path):
-    cfg = make_cfg("privacy.epsilon=8")
-    mine, node = apply_node_config(cfg, deployment(tmp_path, **{"batch-size": 32, "device": "cpu", "epsilon": 2.0}))
-    assert (mine.train.batch_size, mine.train.device, mine.privacy.epsilon) == (32, "cpu", 2.0)
-    assert cfg.train.batch_size != 32 and cfg.privacy.epsilon == 8  # the run's config is untouched
-    assert node.data_path.endswith("records.csv") and node.state_dir.endswith("state") and node.partition is None
-
-
-def test_an_institution_budget_only_ever_tightens_the_run_budget(make_cfg, tmp_path):
-    cfg = make_cfg("privacy.epsilon=4")
-    assert apply_node_config(cfg, deployment(tmp_path, epsilon=10))[0].privacy.epsilon == 4
-    with pytest.raises(ConfigError, match="node-config epsilon.*privacy off"):
-        apply_node_config(make_cfg("privacy=none"), deployment(tmp_path, epsilon=1))
-
-
-@pytest.mark.parametrize("node_config, match", [
-    ({"data-pth": "/x.csv"}, r"unknown key\(s\) \['data-pth'\].*data-path"),
-    ({"batch-size": "big"}, "node-config batch-size.*not a number"),
-    ({"batch-size": 2.5}, "node-config batch-size"),
-    ({"batch-size": 0}, "train.batch_size"),
-    ({"device": "tpu"}, "train.device"),
-    ({"epsilon": -1}, "node-config epsilon"),
-    ({"data-path": 3}, "node-config data-path.*not a string"),
-    ({"state-dir": "relative/dir"}, "state-dir.*not absolute"),
-])
-def test_bad_node_settings_name_the_key_and_the_fix(make_cfg, tmp_path, node_config, match):
-    base = deployment(tmp_path)
-    with pytest.raises(ConfigError, match=match):
-        apply_node_config(make_cfg(), {**base, **node_config})
-
-
-def test_deployment_with_dp_needs_a_state_dir_for_the_ledger(make_cfg, tmp_path):
-    with pytest.raises(ConfigError, match="state-dir.*is missing.*restarted SuperNode"):
-        apply_node_config(make_cfg(), {"data-path": str(tmp_path / "r.csv")})
-    apply_node_config(make_cfg("privacy=none"), {"data-path": str(tmp_path / "r.csv")})
-
-
-def test_seeded_noise_is_refused_in_deployment(make_cfg, tmp_path):
-    with pytest.raises(ConfigError, match="privacy.seeded_noise.*anyone who knows the seed"):
-        apply_node_config(make_cfg("privacy.seeded_noise=true"), deployment(tmp_path))
-    apply_node_config(make_cfg("privacy.seeded_noise=true"), {"partition-id": 0, "num-partitions": 2})
-
-
-def test_simulated_clients_keep_their_ledgers_next_to_the_run_outputs(make_cfg, tmp_path):
-    cfg = make_cfg()
-    cfg.output_dir = str(tmp_path)
-    _, node = apply_node_config(cfg, {"partition-id": 2, "num-partitions": 3})
-    assert node.state_dir == str(tmp_path / "client-state" / "partition-2") and node.partition == (2, 3)
-    cfg.output_dir = None
-    assert apply_node_config(cfg, {"partition-id": 2, "num-partitions": 3})[1].state_dir is None
-
+# --- resume and uploads ---------------------------------------------------------------------
 
 def test_resume_needs_an_output_dir_and_refuses_secagg(tmp_path):
     assert load_config({"overrides": "+preset=tiny", "output-dir": str(tmp_path), "resume": True}).resume

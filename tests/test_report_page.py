@@ -10,7 +10,7 @@ from html.parser import HTMLParser
 import numpy as np
 from PIL import Image
 
-from fed_dp_lora.report_page import write_report
+from fed_dp_lora.report_page import bytes_figure, epsilon_figure, metrics_figure, write_report
 
 
 def summary() -> dict:
@@ -88,3 +88,45 @@ def test_privacy_off_report_says_so(tmp_path):
     _, html_path = write_report(s, tmp_path)
     text = html_path.read_text()
     assert "Privacy: off" in text and "Privacy audit" not in text
+
+
+def test_round_axes_tick_whole_rounds_only(tmp_path):
+    """Two rounds used to get ticks at 1.2, 1.4, ...: a round 1.25 does not exist."""
+    for figure in (metrics_figure, epsilon_figure, bytes_figure):
+        fig = figure(summary())
+        fig.canvas.draw()
+        ax = fig.axes[0]
+        low, high = ax.get_xlim()
+        shown = [t for t in ax.get_xticks() if low <= t <= high]
+        assert shown == [1.0, 2.0], (figure.__name__, shown)
+
+
+def test_metrics_plot_draws_each_majority_baseline_in_its_metrics_colour():
+    s = summary()
+    s["final"]["majority_baseline"] = {"balanced_accuracy": 0.5, "accuracy": 0.718}
+    ax = metrics_figure(s).axes[0]
+    curves = {line.get_label(): line for line in ax.lines if not line.get_label().startswith("_")}
+    flat = [line for line in ax.lines if len(line.get_ydata()) == 2 and line.get_ydata()[0] == line.get_ydata()[1]]
+    assert {(float(line.get_ydata()[0]), line.get_color()) for line in flat} == {
+        (0.5, curves["balanced_accuracy"].get_color()), (0.718, curves["accuracy"].get_color())}
+    assert all(line.get_linestyle() == "--" for line in flat)
+    assert "majority-class baseline" in [t.get_text() for t in ax.get_legend().get_texts()]
+
+    s["final"].pop("majority_baseline")  # a causal LM has none: nothing drawn, nothing named
+    ax = metrics_figure(s).axes[0]
+    assert all(len(set(line.get_ydata())) > 1 for line in ax.lines if len(line.get_ydata()))
+    assert "majority-class baseline" not in [t.get_text() for t in ax.get_legend().get_texts()]
+
+
+def test_release_audit_gets_its_own_row_beside_the_input_audit_or_alone(tmp_path):
+    s = summary()
+    release = {"client": "client-0", "epsilon_lower": 0.43, "claimed_epsilon": 2.0, "canaries": 1000,
+               "guesses": 200, "correct": 133, "confidence": 0.95}
+    s["privacy"]["audit"]["release"] = release
+    text = write_report(s, tmp_path / "both")[0].read_text()
+    assert "| final global adapter, input canaries | 0.125 | 4.4 | 500 | 100 | 57 | 0.95 |" in text
+    assert "| client-0's releases, gradient canaries | 0.43 | 2 | 1000 | 200 | 133 | 0.95 |" in text
+    s["privacy"]["audit"] = {"release": {**release, "claimed_epsilon": None}}
+    text = write_report(s, tmp_path / "alone")[0].read_text()
+    assert "| client-0's releases, gradient canaries | 0.43 | privacy off | 1000 | 200 | 133 | 0.95 |" in text
+    assert "input canaries" not in text

@@ -1,8 +1,9 @@
 """Local training and evaluation: encoding, per-record losses, DP and non-DP steps, metrics.
 
-Classification runs on the packaged MiniLM (2 layers) and the real credit data; the causal-LM
-part runs on the packaged SmolLM2 (GGUF converted to safetensors once per test session, in a
-temporary cache) truncated to 2 layers.
+Classification runs on the tiny BERT (tests/tiny_models.py) and the real credit data. The
+causal-LM part runs on the tiny Llama, and again on the packaged SmolLM2 (GGUF converted to
+safetensors once per test session, in a temporary cache) truncated to 2 layers in the slow
+tier, with its real tokenizer and chat template.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from fed_dp_lora.training import (
     train_local,
 )
 
-SMOL = ("model=smollm2", "model.keep_layers=2", "lora.target_modules=[q_proj,v_proj]")
+CAUSAL = ("model.keep_layers=2", "lora.target_modules=[q_proj,v_proj]")
 
 
 def _cfg(*overrides: str):
@@ -51,28 +52,34 @@ def _changed(before: dict, after: dict) -> dict[str, bool]:
 
 
 @pytest.fixture(scope="module")
-def credit_split():
-    cfg = _cfg()
+def clf(tiny_models):
+    """A config factory on the tiny BERT classifier."""
+    return lambda *overrides: _cfg(*tiny_models.classifier, *overrides)
+
+
+@pytest.fixture(scope="module")
+def credit_split(clf):
+    cfg = clf()
     return holdout_split(load_table(cfg), cfg)
 
 
 @pytest.fixture(scope="module")
-def tokenizer():
-    return load_tokenizer(_cfg())
+def tokenizer(clf):
+    return load_tokenizer(clf())
 
 
 @pytest.fixture(scope="module")
-def train_data(credit_split, tokenizer):
+def train_data(credit_split, tokenizer, clf):
     train, _ = credit_split
-    return encode(train.head(16), tokenizer, _cfg())
+    return encode(train.head(16), tokenizer, clf())
 
 
 @pytest.fixture(scope="module")
-def test_data(credit_split, tokenizer):
+def test_data(credit_split, tokenizer, clf):
     _, test = credit_split
     # both classes, so AUC is defined
     sample = pd.concat([test[test["label"] == 0].head(12), test[test["label"] == 1].head(8)])
-    return encode(sample.reset_index(drop=True), tokenizer, _cfg())
+    return encode(sample.reset_index(drop=True), tokenizer, clf())
 
 
 def test_encode_classification(credit_split, tokenizer, train_data):
@@ -86,9 +93,9 @@ def test_encode_classification(credit_split, tokenizer, train_data):
     assert (train_data.input_ids[:, -1] == tokenizer.sep_token_id).all()
 
 
-def test_batch_trims_to_the_longest_record(tokenizer):
+def test_batch_trims_to_the_longest_record(tokenizer, clf):
     table = pd.DataFrame({"text": ["short", "a somewhat longer text here"], "label": [0, 1]})
-    data = encode(table, tokenizer, _cfg())
+    data = encode(table, tokenizer, clf())
     assert data.input_ids.shape == (2, 32)
     batch = data.batch(torch.tensor([0]), torch.device("cpu"))
     assert batch["input_ids"].shape == (1, int(data.attention_mask[0].sum()))
@@ -106,9 +113,9 @@ def test_plan_steps():
 # --- classification: losses -------------------------------------------------------------------
 
 
-def test_per_sample_losses_are_per_record(train_data):
+def test_per_sample_losses_are_per_record(train_data, clf):
     """Each record's loss is independent of the batch it is in (padding, other records)."""
-    model = build_model(_cfg(), 2)
+    model = build_model(clf(), 2)
     model.eval()
     weights = torch.tensor([0.7, 1.78])
     cpu = torch.device("cpu")
@@ -128,8 +135,8 @@ def test_per_sample_losses_are_per_record(train_data):
 # --- classification: training -----------------------------------------------------------------
 
 
-def test_train_local_without_privacy_changes_every_adapter_tensor(train_data):
-    cfg = _cfg("privacy=none", "train.lr=0.01")
+def test_train_local_without_privacy_changes_every_adapter_tensor(train_data, clf):
+    cfg = clf("privacy=none", "train.lr=0.01")
     model = build_model(cfg, 2)
     before = trainable_state(model)
     engine = GradientEngine(model, 8.0)
@@ -146,11 +153,11 @@ def test_train_local_without_privacy_changes_every_adapter_tensor(train_data):
                for n, p in model.named_parameters())
 
 
-def test_train_local_without_privacy_reduces_training_loss(credit_split, tokenizer):
+def test_train_local_without_privacy_reduces_training_loss(credit_split, tokenizer, clf):
     """Gradients point the right way: a few steps fit a skewed (14 good / 2 bad) set."""
     train, _ = credit_split
     table = pd.concat([train[train["label"] == 0].head(14), train[train["label"] == 1].head(2)])
-    cfg = _cfg("privacy=none", "train.optimizer=sgd", "train.lr=0.05")
+    cfg = clf("privacy=none", "train.optimizer=sgd", "train.lr=0.05")
     data = encode(table, tokenizer, cfg)
     model = build_model(cfg, 2)
     everything = torch.arange(len(data))
@@ -166,8 +173,8 @@ def test_train_local_without_privacy_reduces_training_loss(credit_split, tokeniz
     assert loss() < start - 0.1
 
 
-def test_train_local_with_privacy_changes_every_adapter_tensor(train_data):
-    cfg = _cfg("train.lr=0.01")
+def test_train_local_with_privacy_changes_every_adapter_tensor(train_data, clf):
+    cfg = clf("train.lr=0.01")
     model = build_model(cfg, 2)
     before = trainable_state(model)
     engine = PrivateGradientEngine(model, 8.0, clip_norm=0.1, noise_multiplier=1.0,
@@ -186,9 +193,9 @@ def test_train_local_with_privacy_changes_every_adapter_tensor(train_data):
     assert all(getattr(p, "grad_sample", None) is None for p in model.parameters())
 
 
-def test_private_step_on_an_empty_batch_is_noise_only(train_data):
+def test_private_step_on_an_empty_batch_is_noise_only(train_data, clf):
     """Poisson sampling can draw no record: the step still happens (noise only)."""
-    cfg = _cfg()
+    cfg = clf()
     model = build_model(cfg, 2)
     before = trainable_state(model)
     engine = PrivateGradientEngine(model, 8.0, 1.0, 1.0, torch.Generator().manual_seed(1))
@@ -200,8 +207,8 @@ def test_private_step_on_an_empty_batch_is_noise_only(train_data):
     assert all(_changed(before, trainable_state(model)).values())
 
 
-def test_non_private_empty_batch_is_skipped(train_data):
-    cfg = _cfg("privacy=none")
+def test_non_private_empty_batch_is_skipped(train_data, clf):
+    cfg = clf("privacy=none")
     model = build_model(cfg, 2)
     before = trainable_state(model)
     stats = train_local(GradientEngine(model, 8.0), train_data, cfg, 1e-12, 2, None,
@@ -210,8 +217,8 @@ def test_non_private_empty_batch_is_skipped(train_data):
     assert not any(_changed(before, trainable_state(model)).values())
 
 
-def test_ffa_training_leaves_lora_a_untouched(train_data):
-    cfg = _cfg("lora=ffa", "privacy=none", "train.lr=0.01")
+def test_ffa_training_leaves_lora_a_untouched(train_data, clf):
+    cfg = clf("lora=ffa", "privacy=none", "train.lr=0.01")
     model = build_model(cfg, 2)
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if ".lora_A." in n}
     before = trainable_state(model)
@@ -223,8 +230,8 @@ def test_ffa_training_leaves_lora_a_untouched(train_data):
 # --- classification: evaluation ---------------------------------------------------------------
 
 
-def test_evaluate_classification_metrics(test_data):
-    model = build_model(_cfg(), 2)
+def test_evaluate_classification_metrics(test_data, clf):
+    model = build_model(clf(), 2)
     metrics = evaluate(model, test_data, batch_size=8)  # several batches, the last one short
     assert set(metrics) == {"accuracy", "balanced_accuracy", "macro_f1", "auc"}
     for name, value in metrics.items():
@@ -243,13 +250,14 @@ def test_evaluate_classification_metrics(test_data):
     assert metrics["auc"] == pytest.approx(roc_auc_score(test_data.labels.numpy(), probs))
 
 
-def test_evaluation_batches_records_of_similar_length_and_keeps_their_order(credit_split, tokenizer):
-    test_data = encode(credit_split[1].head(20), tokenizer, _cfg("train.max_length=64"))  # several lengths
+def test_evaluation_batches_records_of_similar_length_and_keeps_their_order(credit_split, tokenizer, clf):
+    # Several lengths: the tiny tokenizer spends 70-96 tokens on a credit record (MiniLM's ~52).
+    test_data = encode(credit_split[1].head(20), tokenizer, clf("train.max_length=128"))
     lengths = test_data.attention_mask.sum(dim=1)
     order = by_length(test_data)
     assert not torch.equal(order, torch.arange(len(test_data)))  # the data is not already sorted
     assert torch.all(lengths[order][1:] >= lengths[order][:-1])
-    model = build_model(_cfg(), 2)
+    model = build_model(clf(), 2)
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():  # B and the head start at zero: every record's loss would be log 2
         for p in model.parameters():
@@ -282,7 +290,7 @@ def test_majority_baseline_on_credit(credit_split):
     assert metrics["accuracy"] == pytest.approx((test["label"] == 0).mean())
 
 
-# --- causal LM: SmolLM2 -----------------------------------------------------------------------
+# --- causal LM: the tiny Llama, and SmolLM2 in the slow tier -----------------------------------
 
 
 @pytest.fixture(scope="session")
@@ -302,14 +310,24 @@ def smollm2_cache(tmp_path_factory):
 def smol_env(smollm2_cache, monkeypatch):
     cache, _, _ = smollm2_cache
     monkeypatch.setenv("FED_DP_LORA_CACHE", str(cache))
-    return _cfg(*SMOL)
+    return _cfg("model=smollm2", *CAUSAL)
 
 
-@pytest.fixture(scope="session")
-def smol_tokenizer(smollm2_cache):
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("FED_DP_LORA_CACHE", str(smollm2_cache[0]))
-        return load_tokenizer(_cfg(*SMOL))
+@pytest.fixture(params=["tiny", pytest.param("smollm2", marks=pytest.mark.slow)])
+def causal(request, tiny_models, monkeypatch):
+    """(config factory, tokenizer) of a causal LM with LoRA on q_proj and v_proj of 2 layers:
+    the tiny Llama, or the packaged SmolLM2 with its own tokenizer and chat template."""
+    if request.param == "tiny":
+        base = tiny_models.causal_lm
+    else:
+        cache, _, _ = request.getfixturevalue("smollm2_cache")
+        monkeypatch.setenv("FED_DP_LORA_CACHE", str(cache))
+        base = ("model=smollm2",)
+
+    def make(*overrides: str):
+        return _cfg(*base, *CAUSAL, *overrides)
+
+    return make, load_tokenizer(make())
 
 
 QA = pd.DataFrame(
@@ -320,6 +338,7 @@ QA = pd.DataFrame(
 )
 
 
+@pytest.mark.slow
 def test_smollm2_converted_folder_is_cached_and_reused(smollm2_cache, smol_env, monkeypatch):
     cache, folder, seconds = smollm2_cache
     assert folder == cache / "smollm2-135m-instruct"
@@ -347,8 +366,9 @@ def test_smollm2_converted_folder_is_cached_and_reused(smollm2_cache, smol_env, 
     assert model.config.num_hidden_layers == 2
 
 
-def test_smollm2_lora_trains_only_q_and_v_factors(smol_env):
-    model = build_model(smol_env, None)
+def test_causal_lm_lora_trains_only_q_and_v_factors(causal):
+    make, _ = causal
+    model = build_model(make(), None)
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert len(trainable) == 2 * 2 * 2  # A, B on q_proj, v_proj in 2 layers
     assert all(".lora_A." in n or ".lora_B." in n for n in trainable)
@@ -357,9 +377,9 @@ def test_smollm2_lora_trains_only_q_and_v_factors(smol_env):
     assert model.get_output_embeddings().weight.requires_grad is False
 
 
-def test_encode_masks_the_prompt_and_keeps_the_response(smol_env, smol_tokenizer):
-    tok = smol_tokenizer
-    cfg = _cfg(*SMOL, "train.max_length=64")
+def test_encode_masks_the_prompt_and_keeps_the_response(causal):
+    make, tok = causal
+    cfg = make("train.max_length=64")
     data = encode(QA, tok, cfg)
     assert data.input_ids.shape == data.labels.shape == (2, 64)
     for i, response in enumerate(QA["response"]):
@@ -378,23 +398,25 @@ def test_encode_masks_the_prompt_and_keeps_the_response(smol_env, smol_tokenizer
         assert (mask[length:] == 0).all() and (labels[length:] == IGNORE).all()
 
 
-def test_encode_truncates_the_prompt_not_the_response(smol_env, smol_tokenizer):
-    cfg = _cfg(*SMOL)  # max_length 32: the credit prompts are longer
+def test_encode_truncates_the_prompt_not_the_response(causal):
+    make, tokenizer = causal
+    cfg = make()  # max_length 32: the credit prompts are longer
     table = load_table(cfg).head(4)
-    data = encode(table, smol_tokenizer, cfg)
+    data = encode(table, tokenizer, cfg)
     assert data.input_ids.shape == (4, 32)
     for i, response in enumerate(table["response"]):
         assert int(data.attention_mask[i].sum()) == 32
         kept = data.labels[i] != IGNORE
-        assert smol_tokenizer.decode(data.input_ids[i][kept]) == response + smol_tokenizer.eos_token
+        assert tokenizer.decode(data.input_ids[i][kept]) == response + tokenizer.eos_token
         assert int((~kept).sum()) > 20  # most of the record is prompt, masked
 
 
-def test_causal_per_sample_loss_is_the_mean_over_the_records_response(smol_env, smol_tokenizer):
-    model = build_model(smol_env, None)
+def test_causal_per_sample_loss_is_the_mean_over_the_records_response(causal):
+    make, tokenizer = causal
+    model = build_model(make(), None)
     model.eval()
-    cfg = _cfg(*SMOL, "train.max_length=64")
-    data = encode(QA, smol_tokenizer, cfg)
+    cfg = make("train.max_length=64")
+    data = encode(QA, tokenizer, cfg)
     cpu = torch.device("cpu")
     with torch.no_grad():
         losses = per_sample_losses(model, data.batch(torch.arange(2), cpu), None)
@@ -404,10 +426,11 @@ def test_causal_per_sample_loss_is_the_mean_over_the_records_response(smol_env, 
             torch.testing.assert_close(losses[i], reference, atol=1e-4, rtol=1e-4)
 
 
-def test_causal_lm_dp_step_and_evaluate(smol_env, smol_tokenizer):
-    cfg = _cfg(*SMOL, "train.max_length=64")
-    model = build_model(smol_env, None)
-    data = encode(QA, smol_tokenizer, cfg)
+def test_causal_lm_dp_step_and_evaluate(causal):
+    make, tokenizer = causal
+    cfg = make("train.max_length=64")
+    model = build_model(cfg, None)
+    data = encode(QA, tokenizer, cfg)
     metrics = evaluate(model, data, batch_size=1)
     assert set(metrics) == {"loss", "perplexity"}
     assert metrics["loss"] > 0 and math.isfinite(metrics["perplexity"])
@@ -428,13 +451,14 @@ def test_causal_lm_dp_step_and_evaluate(smol_env, smol_tokenizer):
 
 
 @pytest.mark.parametrize("per_sample", ["fused", "opacus"])
-def test_causal_lm_clipped_sum_matches_one_record_at_a_time(smol_env, smol_tokenizer, per_sample):
+def test_causal_lm_clipped_sum_matches_one_record_at_a_time(causal, per_sample):
     """The privacy unit of a causal LM is one sequence: each one's clipped gradient, summed."""
-    cfg = _cfg(*SMOL, "train.max_length=64")
-    model = build_model(smol_env, None)
+    make, tokenizer = causal
+    cfg = make("train.max_length=64")
+    model = build_model(cfg, None)
     model.train()
     qa = pd.concat([QA, QA.assign(response=["APR.", "No."])], ignore_index=True)
-    data = encode(qa, smol_tokenizer, cfg)
+    data = encode(qa, tokenizer, cfg)
     n = len(data)
     params = {name: p for name, p in model.named_parameters() if p.requires_grad}
     with torch.no_grad():  # B starts at zero, which would make every A gradient zero

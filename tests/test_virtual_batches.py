@@ -2,6 +2,7 @@
 
 Cut any way, the clipped sum is the same (clipping is per record) and so, with the same noise
 generator, is the gradient the optimizer sees; gradient checkpointing changes nothing either.
+Exactness does not depend on the weights: these run on the tiny BERT (tests/tiny_models.py).
 """
 
 from __future__ import annotations
@@ -32,8 +33,8 @@ def logical_step(model, data, index: torch.Tensor, micro: int, weights=None, **e
 
 
 @pytest.mark.parametrize("micro", [1, 3, 5])
-def test_micro_batches_give_the_whole_batch_gradient_and_one_noise_draw(make_cfg, micro):
-    cfg, model, data = _setup(make_cfg, 10)
+def test_micro_batches_give_the_whole_batch_gradient_and_one_noise_draw(tiny_cfg, micro):
+    cfg, model, data = _setup(tiny_cfg, 10)
     weights = _weights(cfg) / _weights(cfg).max()
     index = torch.arange(10)
     whole, _ = logical_step(model, data, index, 10, weights)
@@ -44,9 +45,9 @@ def test_micro_batches_give_the_whole_batch_gradient_and_one_noise_draw(make_cfg
         torch.testing.assert_close(pieces[name], whole[name], rtol=0, atol=1e-6 * CLIP, msg=name)
 
 
-def test_gradient_checkpointing_changes_nothing_in_the_private_step(make_cfg):
-    _, plain, data = _setup(make_cfg, 6)
-    _, checkpointed, _ = _setup(make_cfg, 6, "train.gradient_checkpointing=true")
+def test_gradient_checkpointing_changes_nothing_in_the_private_step(tiny_cfg):
+    _, plain, data = _setup(tiny_cfg, 6)
+    _, checkpointed, _ = _setup(tiny_cfg, 6, "train.gradient_checkpointing=true")
     checkpointed.load_state_dict(plain.state_dict())
     checkpointed.train()
     index = torch.arange(6)
@@ -59,8 +60,8 @@ def test_gradient_checkpointing_changes_nothing_in_the_private_step(make_cfg):
         PrivateGradientEngine(checkpointed, 8.0, CLIP, SIGMA, per_sample="opacus")
 
 
-def test_training_in_micro_batches_takes_the_same_steps_to_the_same_model(make_cfg):
-    cfg, model, data = _setup(make_cfg, 24)
+def test_training_in_micro_batches_takes_the_same_steps_to_the_same_model(tiny_cfg):
+    cfg, model, data = _setup(tiny_cfg, 24)
     _no_dropout(model)
     start = {n: p.detach().clone() for n, p in _trainable(model).items()}
     results = {}
@@ -83,8 +84,8 @@ def test_training_in_micro_batches_takes_the_same_steps_to_the_same_model(make_c
         torch.testing.assert_close(after_pieces[name], after_whole[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
-def test_micro_batch_size_is_validated(make_cfg):
+def test_micro_batch_size_is_validated(tiny_cfg):
     from fed_dp_lora.config import ConfigError
 
     with pytest.raises(ConfigError, match="train.micro_batch_size"):
-        make_cfg("train.micro_batch_size=0")
+        tiny_cfg("train.micro_batch_size=0")

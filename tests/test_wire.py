@@ -66,3 +66,31 @@ def test_the_server_aggregates_int8_uploads_and_counts_the_bytes_sent(tmp_path, 
     entry = report.rounds[0]
     assert entry["bytes"]["up"] == payload_bytes(good)
     assert set(entry["clients"]) == {"node-1"} and "not int8" in entry["failures"]["node-2"]
+
+
+def test_a_secagg_update_stays_within_the_clip_norm_after_stochastic_rounding():
+    """DP-FedAvg under SecAgg+: clipped to C minus the rounding margin, quantized as SecAgg+ does,
+    the update's norm is still at most C (the sensitivity the server's noise assumes)."""
+    from flwr.common import parameters_to_ndarrays
+    from flwr.common.secure_aggregation.quantization import dequantize, quantize
+    from flwr.compat.common import recorddict_compat as compat
+
+    from fed_dp_lora.wire import (SECAGG_CLIP, SECAGG_KEYS, SECAGG_QUANTIZATION_RANGE, secagg_fitres,
+                                  secagg_quantization_margin)
+
+    clip, clipping_range = 1.0, 8.0
+    local = local_state(shift=1.0)  # far above the clip norm: clipping binds
+    config = {SECAGG_KEYS: "\n".join(GLOBAL), SECAGG_CLIP: clip}
+    margin = secagg_quantization_margin(local, clipping_range)
+    fitres = compat.recorddict_to_fitres(secagg_fitres(GLOBAL, local, config, 10, {}, quantization_margin=margin),
+                                         keep_input=True)
+    update = parameters_to_ndarrays(fitres.parameters)
+    assert np.sqrt(sum(np.sum(u.astype(np.float64) ** 2) for u in update)) <= clip - margin + 1e-6
+    worst = 0.0
+    for seed in range(20):
+        np.random.seed(seed)  # Flower's stochastic rounding draws from numpy's global generator
+        rounded = dequantize(quantize(update, clipping_range, SECAGG_QUANTIZATION_RANGE), clipping_range,
+                             SECAGG_QUANTIZATION_RANGE)
+        worst = max(worst, float(np.sqrt(sum(np.sum(r.astype(np.float64) ** 2) for r in rounded))))
+    assert worst <= clip
+    assert margin > 0 and worst > clip - margin  # the rounding did move the norm, within the margin

@@ -6,6 +6,7 @@ Every source returns one pandas DataFrame with our standard columns: ``text`` an
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -68,31 +69,53 @@ def credit_table(task: str) -> pd.DataFrame:
 
 
 def read_file(path: str | Path) -> pd.DataFrame:
-    """Read a CSV, JSONL or Parquet file; errors name the file and the problem."""
+    """Read a CSV, JSONL or Parquet file; errors name the file and the problem.
+
+    A malformed line of a CSV or JSONL file is skipped and counted in `table.attrs["dropped"]`,
+    not fatal: whether a round runs must not depend on one record (the server would see it).
+    """
     path = Path(path)
     if not path.is_file():
         raise DataError(f"data file {path} does not exist. Fix: point data.path (or the node's "
                         "data-path) at an existing .csv, .jsonl or .parquet file")
     suffix = path.suffix.lower()
+    if suffix not in (".csv", ".jsonl", ".json", ".parquet"):
+        raise DataError(f"data file {path}: unsupported type {suffix!r}. Fix: use .csv, .jsonl or .parquet")
     if path.stat().st_size == 0:  # else pandas' "No columns to parse from file" for a .csv
         raise DataError(f"data file {path} is empty. Fix: give the institution a file with data")
+    bad: list[int] = []
     try:
         if suffix == ".csv":
-            table = pd.read_csv(path)
-        elif suffix in (".jsonl", ".json"):
-            table = pd.read_json(path, lines=suffix == ".jsonl")
+            # index_col=False: a line with extra fields is a bad line, not a hint of an index column.
+            table = pd.read_csv(path, engine="python", index_col=False, on_bad_lines=lambda line: bad.append(1))
         elif suffix == ".parquet":
             table = pd.read_parquet(path)
         else:
-            raise DataError(f"data file {path}: unsupported type {suffix!r}. Fix: use .csv, .jsonl "
-                            "or .parquet")
-    except DataError:
-        raise
+            table = _read_json_records(path, lines=suffix == ".jsonl", bad=bad)
     except Exception as err:  # pandas/pyarrow raise many types for a malformed file
         raise DataError(f"data file {path} could not be parsed as {suffix}: {err}") from err
-    if table.empty:
+    if table.empty and not bad:
         raise DataError(f"data file {path} has no records. Fix: give the institution a file with data")
+    table.attrs["dropped"] = {"malformed line": len(bad)} if bad else {}
     return table
+
+
+def _read_json_records(path: Path, lines: bool, bad: list[int]) -> pd.DataFrame:
+    if not lines:
+        return pd.read_json(path)
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:
+            row = None
+        if isinstance(row, dict):
+            rows.append(row)
+        else:
+            bad.append(1)
+    return pd.DataFrame(rows)
 
 
 def hub_table(name: str, split: str) -> pd.DataFrame:
@@ -117,19 +140,27 @@ def standardize(table: pd.DataFrame, cfg: DictConfig, origin: str) -> pd.DataFra
             + " to the right column name"
         )
     keep = list(columns) + ([d.partition_column] if d.partition_column in table.columns else [])
-    out = table[keep].rename(columns=columns).dropna(subset=list(columns.values()))
-    if out.empty:
-        raise DataError(f"{origin}: no complete records after dropping empty values")
+    dropped = dict(table.attrs.get("dropped", {}))
+    out = table[keep].rename(columns=columns)
+    complete = out.dropna(subset=list(columns.values()))
+    _count(dropped, "missing value", len(out) - len(complete))
+    out = complete
     if cfg.model.task == "classification":
         names = label_names(cfg, out["label"])
         index = {str(n): i for i, n in enumerate(names)}
-        unknown = sorted({str(v) for v in out["label"]} - set(index))
-        if unknown:
-            raise DataError(f"{origin}: labels {unknown} are not in data.labels={list(names)}. "
-                            "Fix: list every class in data.labels")
+        known = out["label"].map(lambda v: str(v) in index).astype(bool)
+        _count(dropped, "label not in data.labels", int((~known).sum()))
+        out = out[known].copy()
         out["label"] = out["label"].map(lambda v: index[str(v)]).astype(int)
         out["text"] = out["text"].astype(str)
-    return out.reset_index(drop=True)
+    out = out.reset_index(drop=True)
+    out.attrs["dropped"] = dropped
+    return out
+
+
+def _count(dropped: dict[str, int], reason: str, count: int) -> None:
+    if count:
+        dropped[reason] = dropped.get(reason, 0) + count
 
 
 def _key_for(column: str) -> str:

@@ -32,22 +32,53 @@ def _epsilon_kwargs(accountant: str) -> dict:
     return {"alphas": RDP_ALPHAS} if accountant == "rdp" else {}
 
 
+History = tuple[tuple[float, float, int], ...]  # (noise multiplier, sample rate, steps) entries
+# A budget that needs more noise than this for the planned steps is treated as spent: the
+# update would be noise (at sigma = 100 and C = 10, a batch of 128 gets noise of std ~8 per
+# coordinate against a signal of at most 10 / 128 per record).
+MAX_NOISE = 100.0
+
+
 @lru_cache(maxsize=64)  # a binary search over the accountant: seconds, so once per plan
 def calibrate_noise(
-    epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str
+    epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str, history: History = ()
 ) -> float:
-    """Smallest noise multiplier whose epsilon after `steps` steps stays within `epsilon`."""
-    return float(
-        get_noise_multiplier(
-            target_epsilon=epsilon,
-            target_delta=delta,
-            sample_rate=sample_rate,
-            steps=steps,
-            accountant=accountant,
-            epsilon_tolerance=0.01,
-            **_epsilon_kwargs(accountant),
+    """Smallest noise multiplier whose epsilon after `history` plus `steps` steps stays within `epsilon`.
+
+    `history` is what was already spent (an institution's earlier studies): the new steps get
+    what is left. Raises BudgetExceeded when nothing is left.
+    """
+    if not history:
+        sigma = float(
+            get_noise_multiplier(
+                target_epsilon=epsilon,
+                target_delta=delta,
+                sample_rate=sample_rate,
+                steps=steps,
+                accountant=accountant,
+                epsilon_tolerance=0.01,
+                **_epsilon_kwargs(accountant),
+            )
         )
-    )
+        if sigma > MAX_NOISE:
+            raise BudgetExceeded(f"privacy budget too small: epsilon {epsilon:g} would need a noise multiplier "
+                                 f"of {sigma:.3g} (> {MAX_NOISE:g}) for the planned steps")
+        return sigma
+    ledger = PrivacyLedger(accountant, delta, list(history))
+
+    def within(sigma: float) -> bool:
+        return ledger.epsilon((sigma, sample_rate, steps)) <= epsilon
+
+    if not within(MAX_NOISE):
+        raise BudgetExceeded(f"privacy budget exhausted: {ledger.epsilon():.3f} of epsilon {epsilon:g} is "
+                             f"already spent; the planned steps would need a noise multiplier above {MAX_NOISE:g}")
+    low, high = 0.0, 1.0
+    while not within(high):
+        low, high = high, high * 2
+    while high - low > 1e-3 * high:  # the same relative precision Opacus' search reaches
+        mid = (low + high) / 2
+        low, high = (low, mid) if within(mid) else (mid, high)
+    return high
 
 
 @dataclass
@@ -68,7 +99,8 @@ class PrivacyLedger:
         acc = ACCOUNTANTS[self.accountant]()
         acc.history = [(float(n), float(q), int(s)) for n, q, s in history]
         eps = float(acc.get_epsilon(delta=self.delta, **_epsilon_kwargs(self.accountant)))
-        return eps if math.isfinite(eps) else math.inf
+        # The RDP conversion can dip below zero for tiny losses; epsilon is never negative.
+        return max(0.0, eps) if math.isfinite(eps) else math.inf
 
     @property
     def steps(self) -> int:

@@ -11,6 +11,7 @@ Poisson sampling must take a noise-only step on an empty batch, where Opacus' op
 from __future__ import annotations
 
 import secrets
+from typing import Protocol
 
 import torch
 from opacus import GradSampleModule
@@ -25,24 +26,43 @@ class CoverageError(RuntimeError):
     """A trainable tensor has no per-sample gradient: it would escape clipping and noise."""
 
 
+class StepExtra(Protocol):
+    """Records whose clipped gradient is known in advance (the audit's gradient canaries).
+
+    Called once per logical step: flat vectors (one per trainable tensor, in the engine's
+    order) to add to the step's clipped sum before the noise, or None when none is sampled.
+    """
+
+    def step_sum(self, params: list[nn.Parameter]) -> list[torch.Tensor] | None: ...
+
+
 class GradientEngine:
     """Non-private gradients: the baseline through the same training code path."""
 
     private = False
 
-    def __init__(self, model: nn.Module, expected_batch_size: float) -> None:
+    def __init__(self, model: nn.Module, expected_batch_size: float, extra: StepExtra | None = None) -> None:
         self.module = model
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.expected_batch_size = expected_batch_size
+        self.extra = extra
 
     def backward(self, per_sample_losses: torch.Tensor, weights: torch.Tensor | None = None) -> None:
-        """Backprop the (weighted) sum of per-record losses over the expected batch size."""
-        losses = per_sample_losses if weights is None else per_sample_losses * weights
+        """Backprop the (weighted) sum of per-record losses over the expected batch size.
+
+        A weight of 0 marks a padding row (fixed-shape batches): it contributes nothing.
+        """
+        losses = per_sample_losses if weights is None else \
+            torch.where(weights > 0, per_sample_losses * weights, torch.zeros_like(per_sample_losses))
         losses.sum().div(self.expected_batch_size).backward()
 
     def finalize(self, batch_size: int) -> bool:
         """Make p.grad ready for optimizer.step(); False means skip the step."""
-        return batch_size > 0
+        extra = self.extra.step_sum(self.params) if self.extra is not None else None
+        for p, e in zip(self.params, extra or ()):
+            e = e.div(self.expected_batch_size).view_as(p).to(p.device, p.dtype)
+            p.grad = e if p.grad is None else p.grad.add_(e)
+        return batch_size > 0 or extra is not None
 
     def detach(self) -> None:
         """Leave the model as it was (a cached model is reused next round)."""
@@ -61,11 +81,12 @@ class PrivateGradientEngine(GradientEngine):
         noise_multiplier: float,
         generator: torch.Generator | None = None,
         per_sample: str = "auto",
+        extra: StepExtra | None = None,
     ) -> None:
         """`per_sample`: "fused" (our single-backward path; CoverageError if a trainable tensor
         is not in a plain nn.Linear), "opacus" (GradSampleModule hooks), or "auto" (fused when
         it covers every trainable tensor, else Opacus)."""
-        super().__init__(model, expected_batch_size)
+        super().__init__(model, expected_batch_size, extra)
         if per_sample not in PER_SAMPLE_MODES:
             raise ValueError(f"per_sample must be one of {PER_SAMPLE_MODES}, not {per_sample!r}")
         self.names = {p: n for n, p in model.named_parameters() if p.requires_grad}
@@ -112,22 +133,31 @@ class PrivateGradientEngine(GradientEngine):
         (`train.micro_batch_size`): clipping is per record, so the sum is the same whichever
         way the batch is cut, and `finalize` adds the noise once per logical step.
 
-        `weights` (each in (0, 1]) weight the records. A loss weight would be undone by
+        `weights` (each in [0, 1]) weight the records. A loss weight would be undone by
         clipping (a clipped gradient has norm C whatever its weight), so the weight multiplies
-        the clipped gradient: record i adds w_i clip(g_i, C), of norm at most C w_i <= C. The
-        sensitivity, and with it the noise and the accounting, are unchanged.
+        the clipped gradient: record i adds w_i clip(g_i, C), of norm at most C w_i <= C. A
+        weight of 0 marks a padding row of a fixed-shape batch: it adds exactly zero.
+
+        A record whose gradient is not finite (a loss that overflows, e.g. under a crafted
+        global adapter) also adds exactly zero, whatever its values: `0 * inf` would be NaN
+        and poison the whole release, and any other treatment would depend on the record.
+        The sum's sensitivity stays C.
         """
-        if weights is not None and (weights.min() <= 0 or weights.max() > 1):
-            raise ValueError("clip weights must lie in (0, 1]: each record's bound is C * w <= C")
+        if weights is not None and (weights.min() < 0 or weights.max() > 1):
+            raise ValueError("clip weights must lie in [0, 1]: each record's bound is C * w <= C")
         flat = self.per_sample_gradients(per_sample_losses)
         # Squared norms per tensor, summed: no concatenation, no B x numel temporary.
         norms = torch.sqrt(sum(torch.linalg.vector_norm(g.float(), dim=1).square() for g in flat))
+        keep = torch.isfinite(norms)
         factors = (self.clip_norm / (norms + 1e-6)).clamp(max=1.0)
         if weights is not None:
             factors = factors * weights.detach().float()  # w_i * clip(g_i, C): norm <= C * w_i <= C
-        sums = [factors @ g.float() for g in flat]
+            keep &= weights > 0
+        factors = torch.where(keep, factors, torch.zeros_like(factors))
+        sums = [factors @ torch.where(keep[:, None], g.float(), 0.0) for g in flat]
         self._sums = sums if self._sums is None else [a.add_(b) for a, b in zip(self._sums, sums)]
-        self._norms.append(norms.detach())
+        records = norms if weights is None else norms[weights > 0]
+        self._norms.append(records.detach())
 
     def per_sample_gradients(self, per_sample_losses: torch.Tensor) -> list[torch.Tensor]:
         """Each record's gradient of every trainable tensor (B x numel, in `self.params` order),
@@ -165,21 +195,24 @@ class PrivateGradientEngine(GradientEngine):
         return grads
 
     def finalize(self, batch_size: int) -> bool:
-        """Set p.grad = (sum_i clip(g_i) + N(0, (sigma C)^2)) / expected batch size.
+        """Set p.grad = (sum_i clip(g_i) + extra + N(0, (sigma C)^2)) / expected batch size.
 
-        One noise draw per logical step, however many micro-batches made the sum. An empty
-        Poisson batch contributes a zero sum: the step is noise only, and it is still a step
-        the accountant counts.
+        `batch_size` is the number of records (not padding rows) in the logical step. One noise
+        draw per logical step, however many micro-batches made the sum. An empty Poisson batch
+        contributes a zero sum: the step is noise only, and it is still a step the accountant
+        counts.
         """
+        norms = torch.cat(self._norms) if self._norms else torch.zeros(0)
+        if len(norms) != batch_size:
+            raise RuntimeError(f"finalize({batch_size}) after backward over {len(norms)} records")
         if batch_size > 0:
-            norms = torch.cat(self._norms)
-            if len(norms) != batch_size:
-                raise RuntimeError(f"finalize({batch_size}) after backward over {len(norms)} records")
-            self.last_clipped_fraction = float((norms > self.clip_norm).float().mean())
-            self.last_median_norm = float(norms.median())
-            sums = self._sums
-        else:
-            sums = [torch.zeros(p.numel(), device=p.device) for p in self.params]
+            finite = norms[torch.isfinite(norms)]
+            self.last_clipped_fraction = float((finite > self.clip_norm).float().mean()) if len(finite) else 0.0
+            self.last_median_norm = float(finite.median()) if len(finite) else 0.0
+        sums = self._sums or [torch.zeros(p.numel(), device=p.device) for p in self.params]
+        extra = self.extra.step_sum(self.params) if self.extra is not None else None
+        if extra is not None:  # before the noise: these records get the same mechanism as real ones
+            sums = [s + e.to(s.device) for s, e in zip(sums, extra)]
         self._sums, self._norms = None, []
         std = self.noise_multiplier * self.clip_norm
         for p, s in zip(self.params, sums):

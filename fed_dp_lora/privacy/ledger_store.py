@@ -1,14 +1,18 @@
-"""The institution's own copy of its privacy state, on its own disk (node-config `state-dir`).
+"""The institution's own privacy state, on its own disk (node-config `state-dir`).
 
 `context.state` lives in the SuperNode's memory and is gone when the SuperNode restarts, and a
-resumed run is a new Flower run with an empty `context.state`. The ledger is therefore also
-written here, before the update leaves the client, one file per study (one output-dir). A
-ledger file that exists but cannot be read stops the client: starting again from zero epsilon
-would be a false claim.
+resumed run is a new Flower run with an empty `context.state`. So the institution's lifetime
+ledger (every study, privacy/institution_ledger.py) is also kept here. It is written before an
+update leaves the client. A ledger file that exists but cannot be read stops the client:
+starting again from zero epsilon would be a false claim.
 
-The last released update is kept too: asked to train a round it already trained on the same
-global adapter (the server was stopped before it finished that round), the client sends the
-same update again, which reveals nothing new and costs no epsilon.
+Also kept here:
+- the noise key (never sent);
+- a counter of training attempts per study and round, so every attempt draws fresh noise;
+- the last released update, so a round asked again on the same global adapter is answered with
+  the same release, which reveals nothing new;
+- the identity of the one node that owns the directory. Two SuperNodes sharing a state dir
+  would share a key and a kept release, and one would send the other's update as its own.
 """
 
 from __future__ import annotations
@@ -23,9 +27,11 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import load_file, save
 
-from fed_dp_lora.privacy.accountant import PrivacyLedger
+from fed_dp_lora.files import write_atomic
+from fed_dp_lora.privacy.institution_ledger import InstitutionLedger, Release, StudyTerms
 
 
 class LedgerError(RuntimeError):
@@ -42,21 +48,19 @@ def state_digest(state: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def _read_json(path: Path, what: str) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise LedgerError(f"{what} {path} exists but cannot be read ({err}). Refusing to train. Fix: "
+                          "restore it from a backup") from err
 
 
-class ClientStateDir:
-    """Ledger, noise key and last release of one institution for one study."""
+class InstitutionState:
+    """Ledger, noise key, attempts, kept releases and owner of one institution's state dir."""
 
-    def __init__(self, path: str | Path, study: str) -> None:
+    def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        self.study = study
         try:
             self.path.mkdir(parents=True, exist_ok=True)
         except OSError as err:
@@ -73,39 +77,67 @@ class ClientStateDir:
             finally:
                 fcntl.flock(handle, fcntl.LOCK_UN)
 
+    def claim(self, node_id: int) -> None:
+        """Bind this directory to one node; refuse any other node that is pointed at it."""
+        path = self.path / "node.json"
+        if not path.exists():
+            write_atomic(path, json.dumps({"node-id": int(node_id)}).encode())
+            return
+        owner = _read_json(path, "state-dir owner file").get("node-id")
+        if owner != int(node_id):
+            raise LedgerError(f"state-dir {self.path} belongs to node {owner}, and node {node_id} was "
+                              "started with it. Refusing: two SuperNodes must never share a state dir (they "
+                              "would share a noise key and a kept update). Fix: give this SuperNode its own "
+                              "--state-dir")
+
     @property
     def ledger_path(self) -> Path:
-        return self.path / f"ledger-{self.study}.json"
+        return self.path / "ledger.json"
 
-    @property
-    def release_path(self) -> Path:
-        return self.path / f"release-{self.study}.safetensors"
-
-    def load_ledger(self) -> PrivacyLedger | None:
-        """The stored ledger, None if this study never trained here; LedgerError if unreadable."""
-        path = self.ledger_path
-        if not path.exists():
-            return None
+    def load_ledger(self) -> InstitutionLedger | None:
+        """The lifetime ledger, None if this institution never trained; LedgerError if unreadable."""
+        if not self.ledger_path.exists():
+            return self._migrate_study_ledgers()
+        data = _read_json(self.ledger_path, "privacy ledger")
         try:
-            data = json.loads(path.read_text())
-            if data.get("study") != self.study:
-                raise ValueError(f"it belongs to study {data.get('study')!r}")
-            return PrivacyLedger.from_dict(data["ledger"])
-        except (OSError, ValueError, KeyError, TypeError) as err:
+            return InstitutionLedger.from_dict(data["ledger"])
+        except (ValueError, KeyError, TypeError) as err:
             raise LedgerError(
-                f"privacy ledger {path} exists but cannot be read ({err}). Refusing to train: "
+                f"privacy ledger {self.ledger_path} exists but cannot be read ({err}). Refusing to train: "
                 "starting again from zero epsilon would understate what this institution has spent. "
                 "Fix: restore the file from a backup; delete it only if you accept losing the record"
             ) from err
 
-    def save_ledger(self, ledger: PrivacyLedger) -> None:
+    def save_ledger(self, ledger: InstitutionLedger) -> None:
         """Write the ledger durably (fsync, atomic rename) before any update is released."""
-        payload = json.dumps({"study": self.study, "ledger": ledger.to_dict()}, indent=1).encode()
+        payload = json.dumps({"ledger": ledger.to_dict()}, indent=1).encode()
         try:
-            _write_atomic(self.ledger_path, payload)
+            write_atomic(self.ledger_path, payload)
         except OSError as err:
             raise LedgerError(f"privacy ledger {self.ledger_path} cannot be written: {err}. Refusing to "
                               "release an update whose cost is not on record") from err
+
+    def _migrate_study_ledgers(self) -> InstitutionLedger | None:
+        """Fold the per-study ledgers of earlier versions (ledger-<study>.json) into one."""
+        old = sorted(self.path.glob("ledger-*.json"))
+        if not old:
+            return None
+        ledger = InstitutionLedger()
+        for path in old:
+            data = _read_json(path, "privacy ledger")
+            try:
+                study, entry = str(data["study"]), data["ledger"]
+                rows = list(zip(entry["noise"], entry["rate"], entry["steps"], entry["rounds"]))
+                ledger.studies[study] = StudyTerms(float(entry["delta"]), str(entry["accountant"]),
+                                                   float(rows[-1][0]) if rows else 0.0)
+                ledger.releases += [Release(study, int(r), float(n), float(q), int(k)) for n, q, k, r in rows]
+            except (KeyError, TypeError, ValueError, IndexError) as err:
+                raise LedgerError(f"privacy ledger {path} cannot be read ({err}). Refusing to train. Fix: "
+                                  "restore it from a backup") from err
+        self.save_ledger(ledger)
+        for path in old:
+            path.rename(path.with_name(path.name + ".migrated"))
+        return ledger
 
     def secret(self) -> bytes:
         """This institution's noise key (created on first use, never sent anywhere)."""
@@ -116,7 +148,7 @@ class ClientStateDir:
             key = path.read_bytes()
             if len(key) != 32:
                 raise LedgerError(f"noise key {path} is damaged ({len(key)} bytes, expected 32). "
-                                  "Fix: restore it, or delete it together with this study's ledger") from None
+                                  "Fix: restore it from a backup") from None
             return key
         key = secrets.token_bytes(32)
         with os.fdopen(fd, "wb") as f:
@@ -125,27 +157,43 @@ class ClientStateDir:
             os.fsync(f.fileno())
         return key
 
-    def save_release(self, server_round: int, global_digest: str, state: dict[str, torch.Tensor],
-                     metrics: dict[str, float]) -> None:
+    def next_attempt(self, study: str, server_round: int) -> int:
+        """Count one more training attempt for (study, round), durably, before training starts.
+
+        The attempt number seeds the round's noise: a round trained again (on another global
+        adapter, or after a crash) never reuses a draw, so no two releases cancel each other's noise.
+        """
+        path = self.path / "attempts.json"
+        counts = _read_json(path, "attempt counter") if path.exists() else {}
+        key = f"{study}/{int(server_round)}"
+        counts[key] = int(counts.get(key, 0)) + 1
+        write_atomic(path, json.dumps(counts, indent=1).encode())
+        return counts[key]
+
+    def _release_path(self, study: str) -> Path:
+        return self.path / f"release-{study}.safetensors"
+
+    def save_release(self, study: str, server_round: int, global_digest: str,
+                     state: dict[str, torch.Tensor], metrics: dict[str, float]) -> None:
         meta = {"round": str(server_round), "global": global_digest, "metrics": json.dumps(metrics)}
-        tmp = self.release_path.with_name(self.release_path.name + ".tmp")
-        save_file({k: v.detach().to("cpu").contiguous() for k, v in state.items()}, str(tmp), metadata=meta)
-        os.replace(tmp, self.release_path)
+        tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+        write_atomic(self._release_path(study), save(tensors, metadata=meta))
 
-    def release(self, server_round: int, global_digest: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
+    def release(self, study: str, server_round: int,
+                global_digest: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
         """The update released for `server_round` from this global adapter, if it was kept."""
-        if not self.release_path.exists():
+        path = self._release_path(study)
+        if not path.exists():
             return None
-        from safetensors import safe_open
-
-        with safe_open(str(self.release_path), framework="pt") as f:
+        with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
         if meta.get("round") != str(server_round) or meta.get("global") != global_digest:
             return None
-        return load_file(str(self.release_path)), json.loads(meta["metrics"])
+        return load_file(str(path)), json.loads(meta["metrics"])
 
 
-def reconcile(memory: PrivacyLedger | None, disk: PrivacyLedger | None, where: Path | None) -> PrivacyLedger | None:
+def reconcile(memory: InstitutionLedger | None, disk: InstitutionLedger | None,
+              where: Path | None) -> InstitutionLedger | None:
     """The longer of the in-memory and on-disk ledgers, which must agree on their common part."""
     if memory is None or disk is None:
         return disk if memory is None else memory

@@ -1,12 +1,13 @@
-"""Per-round random streams of a client: which records each Poisson batch takes, and the noise.
+"""Per-attempt random streams of a client: which records each Poisson batch takes, and the noise.
 
-Derived from a secret and the server round, so a resumed run draws exactly what the
-interrupted one would have (same batches, same noise), and a round retrained after a server
-stop produces the same update instead of a second, differently-noised release.
+A stream is derived from a secret, the server round, the digest of the global adapter the
+client was sent, and the attempt number (counted durably in the state dir before training).
+So no two releases ever share a noise draw: if two releases of the same round shared their
+noise, their difference would carry none. A round asked again on the same global adapter is
+answered with the kept release (ledger_store), not retrained.
 
 Whoever knows the secret can subtract the noise, so by default it is the client's own key
-(`ClientStateDir.secret`: on the institution's disk in deployment, under the run's output-dir
-in simulation; never sent) mixed with the study id, so two studies never share noise. With
+(`InstitutionState.secret`: on the institution's disk, never sent) mixed with the study id. With
 `privacy.seeded_noise=true` a simulated client's stream comes from the run's `seed` instead:
 reproducible across runs, for experiments; refused in deployment.
 """
@@ -14,6 +15,7 @@ reproducible across runs, for experiments; refused in deployment.
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 
 import torch
 
@@ -26,18 +28,29 @@ def institution_secret(key: bytes, study: str) -> bytes:
     return key + b"|study=" + study.encode()
 
 
-def _seed(secret: bytes, server_round: int, purpose: str) -> int:
-    digest = hashlib.sha256(secret + f"|round={server_round}|{purpose}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+@dataclass(frozen=True)
+class StreamKey:
+    """Everything a round's randomness is derived from."""
+
+    secret: bytes
+    server_round: int
+    global_digest: str
+    attempt: int
+
+    def seed(self, purpose: str) -> int:
+        material = (f"|round={self.server_round}|global={self.global_digest}|attempt={self.attempt}"
+                    f"|{purpose}").encode()
+        digest = hashlib.sha256(self.secret + material).digest()
+        return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
-def model_seed(secret: bytes, server_round: int) -> int:
-    """Seed for the model's own randomness in a round (dropout), for reproducible rounds."""
-    return _seed(secret, server_round, "model")
+def model_seed(key: StreamKey) -> int:
+    """Seed for the model's own randomness in a round (dropout)."""
+    return key.seed("model")
 
 
-def round_generators(secret: bytes, server_round: int, device: torch.device) -> tuple[torch.Generator, torch.Generator]:
-    """(batch sampling generator on CPU, noise generator on `device`) for one round."""
-    sampling = torch.Generator().manual_seed(_seed(secret, server_round, "sampling"))
-    noise = torch.Generator(device=device).manual_seed(_seed(secret, server_round, "noise"))
+def round_generators(key: StreamKey, device: torch.device) -> tuple[torch.Generator, torch.Generator]:
+    """(batch sampling generator on CPU, noise generator on `device`) for one attempt."""
+    sampling = torch.Generator().manual_seed(key.seed("sampling"))
+    noise = torch.Generator(device=device).manual_seed(key.seed("noise"))
     return sampling, noise

@@ -9,7 +9,7 @@ and bytes on the wire are reported each round.
 from __future__ import annotations
 
 from logging import INFO, WARNING
-from typing import Iterable
+from typing import Callable, Iterable
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common.logger import log
@@ -17,16 +17,9 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from fed_dp_lora.report import RunReport
-from fed_dp_lora.wire import (INT8_UPDATE, REFUSED_BUDGET, UPLOAD_KEY, decode_int8_update, payload_bytes,
-                              update_problem)
-
-
-def client_name(reply: Message, node_id: int | None = None) -> str:
-    """client-<partition-id> in simulation, node-<id> in deployment (`node_id` if known)."""
-    metrics = reply.content.metric_records.get("metrics") if reply.has_content() else None
-    if metrics is not None and "partition-id" in metrics:
-        return f"client-{int(metrics['partition-id'])}"
-    return f"node-{reply.metadata.src_node_id if node_id is None else node_id}"
+from fed_dp_lora.strategies.names import NodeNames
+from fed_dp_lora.reply import Refusal
+from fed_dp_lora.wire import INT8_UPDATE, UPLOAD_KEY, decode_int8_update, payload_bytes, update_problem
 
 
 def _last_line(reason: str | None) -> str:
@@ -36,10 +29,10 @@ def _last_line(reason: str | None) -> str:
 
 
 def _train_metrics(records: list[RecordDict], weighted_by_key: str) -> MetricRecord:
-    """Weighted mean train loss and the largest client epsilon (a mean epsilon means nothing)."""
+    """The largest client epsilon (a mean epsilon means nothing). Clients send no training loss:
+    it is computed from their records without noise, so it stays in their local logs."""
     metrics = [r.metric_records["metrics"] for r in records]
-    total = sum(float(m[weighted_by_key]) for m in metrics)
-    out = {"train-loss": sum(float(m["train-loss"]) * float(m[weighted_by_key]) for m in metrics) / total}
+    out: dict[str, float] = {"clients": float(len(metrics))}
     eps = [float(m["epsilon"]) for m in metrics if "epsilon" in m]
     if eps:
         out["epsilon-max"] = max(eps)
@@ -55,6 +48,9 @@ class CheckedAggregation:
     """
 
     report: RunReport
+    # Called with (round, metrics, adapter as received, global adapter sent) for every accepted
+    # update, int8 uploads decoded: the release audit reads what the server sees here.
+    release_observer: Callable[[int, MetricRecord, ArrayRecord, ArrayRecord], None] | None = None
 
     def __init__(self, report: RunReport, **kwargs) -> None:
         super().__init__(fraction_evaluate=0.0, train_metrics_aggr_fn=_train_metrics, **kwargs)
@@ -62,6 +58,7 @@ class CheckedAggregation:
         self._sent: tuple[ArrayRecord, int] | None = None
         self._outgoing: list[Message] = []  # this round's messages, ids set once pushed
         self.stop_reason: str | None = None  # set when no further round can succeed
+        self.names = NodeNames()
 
     def state_dict(self) -> dict:
         """What a resumed run needs to continue this strategy exactly (see checkpoint.py)."""
@@ -73,6 +70,8 @@ class CheckedAggregation:
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
+        self.names.refresh(grid)
+        self.report.run["nodes"] = self.names.table()
         messages = list(super().configure_train(server_round, arrays, config, grid))
         self._sent = (arrays, len(messages))
         self._outgoing = messages
@@ -99,10 +98,12 @@ class CheckedAggregation:
         clients: dict[str, dict[str, float]] = {}
         bytes_up = 0
         out_of_budget = 0
-        for reply in replies:
-            name = client_name(reply, self.node_of(reply))
+        # Replies arrive in completion order; aggregating in a fixed order makes the global adapter
+        # (and so its digest, which seeds the clients' next streams) the same in a resumed run.
+        for reply in sorted(replies, key=lambda r: self.names.of_reply(r, self.node_of(r))):
+            name = self.names.of_reply(reply, self.node_of(reply))
             if reply.has_error():
-                out_of_budget += int(reply.error.code == REFUSED_BUDGET)
+                out_of_budget += int(reply.error.code == Refusal.BUDGET)
                 reason = _last_line(reply.error.reason)
                 failures[name] = f"error (code {reply.error.code}): {reason}"
                 log(WARNING, "Round %d: %s did not train: %s", server_round, name, reason)
@@ -129,6 +130,8 @@ class CheckedAggregation:
                 continue
             bytes_up += sent_bytes
             clients[name] = {k: float(v) for k, v in metrics.items()}
+            if self.release_observer is not None and reference is not None:
+                self.release_observer(server_round, metrics, arrays, reference)
             accepted.append(reply)
         # Flower's aggregation refuses replies whose metrics differ in keys: keep the common ones
         # (the report above has every client's full metrics), so one odd reply cannot stop a round.

@@ -29,7 +29,7 @@ from flwr.serverapp.strategy import FedMedian, FedTrimmedAvg, MultiKrum
 from flwr.serverapp.strategy.multikrum import select_multikrum
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
-from fed_dp_lora.strategies.averaging import CheckedAggregation, client_name
+from fed_dp_lora.strategies.averaging import CheckedAggregation
 
 
 class AdapterMultiKrum(CheckedAggregation, MultiKrum):
@@ -60,7 +60,7 @@ class AdapterMultiKrum(CheckedAggregation, MultiKrum):
         chosen = select_multikrum(contents, num_malicious_nodes=f, num_nodes_to_select=min(m, n))
         chosen_ids = {id(c) for c in chosen}
         self.report.record_strategy(server_round, {
-            "selected": sorted(client_name(r) for r in accepted if id(r.content) in chosen_ids),
+            "selected": sorted(self.names.of_reply(r) for r in accepted if id(r.content) in chosen_ids),
             "num_malicious_assumed": f,
         })
         arrays = aggregate_arrayrecords(chosen, self.weighted_by_key)

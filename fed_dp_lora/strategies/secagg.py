@@ -49,6 +49,7 @@ from omegaconf import DictConfig
 
 from fed_dp_lora.report import RunReport
 from fed_dp_lora.strategies.dp_fedavg import UserLevelDP
+from fed_dp_lora.strategies.names import NodeNames
 from fed_dp_lora.wire import SECAGG_CLIP, SECAGG_EQUAL, SECAGG_KEYS
 
 EvaluateState = Callable[[int, dict[str, torch.Tensor]], dict[str, float] | None]
@@ -76,6 +77,7 @@ class SecAggAdapterStrategy(LegacyFedAvg):
         min_available: int,
         dp: UserLevelDP | None = None,
         study: str = "",
+        grid: Grid | None = None,
     ) -> None:
         super().__init__(fraction_fit=fraction, fraction_evaluate=0.0, min_fit_clients=min_clients,
                          min_evaluate_clients=0, min_available_clients=min_available)
@@ -89,6 +91,8 @@ class SecAggAdapterStrategy(LegacyFedAvg):
         self._global: dict[str, np.ndarray] = {}
         self._sampled: dict[int, ClientProxy] = {}
         self._skip_reason: str | None = None
+        self.grid = grid  # for the institutions' registered names
+        self.names = NodeNames()
 
     def __repr__(self) -> str:
         return f"SecAggAdapterStrategy({'dp-fedavg' if self.dp else 'fedavg'})"
@@ -101,6 +105,9 @@ class SecAggAdapterStrategy(LegacyFedAvg):
     ) -> list[tuple[ClientProxy, FitIns]]:
         client_manager.wait_for(self.min_available_clients)
         proxies = {p.node_id: p for p in client_manager.all().values()}
+        if self.grid is not None:
+            self.names.refresh(self.grid)
+            self.report.run["nodes"] = self.names.table()
         self._global = dict(zip(self.keys, parameters_to_ndarrays(parameters)))
         config: dict[str, Scalar] = {SECAGG_KEYS: "\n".join(self.keys), "server-round": server_round,
                                       "study-id": self.study}
@@ -131,10 +138,10 @@ class SecAggAdapterStrategy(LegacyFedAvg):
         returned: set[int] = set()
         for proxy, fitres in results:
             metrics = {k: float(v) for k, v in fitres.metrics.items()}
-            name = f"client-{int(metrics['partition-id'])}" if "partition-id" in metrics else f"node-{proxy.node_id}"
+            name = f"client-{int(metrics['partition-id'])}" if "partition-id" in metrics else self.names.of(proxy.node_id)
             clients[name] = metrics
             returned.add(proxy.node_id)
-        missing = {f"node-{n}": "dropped out of secure aggregation (no masked update)"
+        missing = {self.names.of(n): "dropped out of secure aggregation (no masked update)"
                    for n in self._sampled if n not in returned}
         for name in missing:
             log(WARNING, "Round %d: %s %s", server_round, name, missing[name])
@@ -156,8 +163,8 @@ class SecAggAdapterStrategy(LegacyFedAvg):
             self.report.rounds[-1]["failures"]["server"] = reason
             return None, {}
         log(INFO, "Round %d: SecAgg+ aggregate of %d masked updates", server_round, len(results))
-        total = sum(m["num-examples"] for m in clients.values())
-        metrics = {"train-loss": sum(m["train-loss"] * m["num-examples"] for m in clients.values()) / total}
+        eps = [m["epsilon"] for m in clients.values() if "epsilon" in m]
+        metrics = {"clients": float(len(clients)), **({"epsilon-max": max(eps)} if eps else {})}
         return ndarrays_to_parameters([new[k] for k in self.keys]), metrics
 
     def evaluate(self, server_round: int, parameters: Parameters) -> tuple[float, dict[str, Scalar]] | None:
@@ -194,7 +201,7 @@ def run_secagg(
     s, sp = cfg.strategy, cfg.secaggplus
     strategy = SecAggAdapterStrategy(
         report, initial, evaluate_state, fraction=float(s.fraction_train), min_clients=int(s.min_train_clients),
-        min_available=int(s.min_available_clients), dp=dp, study=study,
+        min_available=int(s.min_available_clients), dp=dp, study=study, grid=grid,
     )
     workflow = DefaultWorkflow(
         fit_workflow=SecAggPlusWorkflow(

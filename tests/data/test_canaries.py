@@ -8,7 +8,8 @@ import pytest
 from fed_dp_lora.config import ConfigError
 from fed_dp_lora.data import client_partition, holdout_split, load_table
 from fed_dp_lora.data.canaries import canary_table, canary_words, client_canaries, included_canaries
-from fed_dp_lora.local_round import client_data
+from fed_dp_lora.client_data import client_data as _client_data
+from fed_dp_lora.node_policy import PolicyError, apply_node_config
 from fed_dp_lora.models import load_tokenizer
 
 
@@ -44,6 +45,11 @@ def test_about_half_the_canaries_are_included(make_cfg):
     assert abs(share - 0.5) < 4 * (0.25 / m) ** 0.5
 
 
+def client_data(cfg, node_config):
+    """The client's tokenized records under this node-config."""
+    return _client_data(*apply_node_config(cfg, node_config)).encoded
+
+
 def test_client_trains_on_its_partition_plus_its_included_canaries(make_cfg, words):
     cfg = make_cfg("audit.enabled=true", "audit.canaries=40")
     plain = make_cfg()
@@ -60,8 +66,9 @@ def test_deployment_audit_needs_a_slot_per_institution(make_cfg, tmp_path):
     path = tmp_path / "records.csv"
     pd.DataFrame({"text": ["a b", "c d"], "label": ["good", "bad"]}).to_csv(path, index=False)
     cfg = make_cfg("audit.enabled=true", "audit.canaries=10")
-    with pytest.raises(ConfigError, match="partition-id=<i> num-partitions=<n>"):
-        client_data(cfg, {"data-path": str(path), "state-dir": str(tmp_path / "state")})
-    with_slot = client_data(cfg, {"data-path": str(path), "state-dir": str(tmp_path / "state"), "partition-id": 0,
-                                 "num-partitions": 1})
+    node = {"data-path": str(path), "state-dir": str(tmp_path / "state"), "records": 20, "epsilon": 8.0,
+            "labels": "good,bad"}
+    with pytest.raises(PolicyError, match="partition-id=<i> num-partitions=<n>"):
+        client_data(cfg, node)
+    with_slot = client_data(cfg, {**node, "partition-id": 0, "num-partitions": 1})
     assert len(with_slot) == 2 + int(included_canaries(cfg).sum())

@@ -127,15 +127,25 @@ def test_numeric_labels_map_through_data_labels(make_cfg, tmp_path):
     assert list(table["label"]) == [0, 1, 0]
 
 
-def test_unknown_label_is_an_error(make_cfg, tmp_path):
+def test_a_record_with_an_unknown_label_is_dropped_and_counted(make_cfg, tmp_path):
+    """Never an error: whether a round runs must not depend on one record (the server sees it)."""
     frame = RECORDS.assign(outcome=["bad", "good", "maybe", "good"])
     path = _write(frame, tmp_path / "bank.csv")
     cfg = make_cfg("data=file", "data.text_column=review", "data.label_column=outcome",
                    "data.labels=[good,bad]")
-    with pytest.raises(DataError) as info:
-        load_table(cfg, path=path)
-    message = str(info.value)
-    assert "maybe" in message and "data.labels" in message and "Fix:" in message
+    table = load_table(cfg, path=path)
+    assert list(table["label"]) == [1, 0, 0] and table.attrs["dropped"] == {"label not in data.labels": 1}
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".jsonl"])
+def test_a_malformed_line_is_skipped_and_counted(make_cfg, tmp_path, suffix):
+    path = tmp_path / f"bank{suffix}"
+    if suffix == ".csv":
+        path.write_text('text,label\n"a",good\n"b",bad,oops,more\n"c",bad\n')
+    else:
+        path.write_text('{"text": "a", "label": "good"}\n{"text": "b", "lab\n{"text": "c", "label": "bad"}\n')
+    table = load_table(make_cfg("data=file", "data.labels=[good,bad]"), path=str(path))
+    assert list(table["text"]) == ["a", "c"] and table.attrs["dropped"] == {"malformed line": 1}
 
 
 def test_label_names_needs_data_labels_before_reading_a_file(make_cfg):
@@ -246,11 +256,11 @@ def test_file_with_header_but_no_records(tmp_path, suffix):
         read_file(path)
 
 
-def test_file_with_only_empty_values(make_cfg, tmp_path):
+def test_file_with_only_empty_values_gives_no_records_and_says_why(make_cfg, tmp_path):
     path = tmp_path / "blank.csv"
     path.write_text("text,label\n,\n,\n")
-    with pytest.raises(DataError, match="no complete records"):
-        load_table(make_cfg("data=file", "data.labels=[a,b]"), path=str(path))
+    table = load_table(make_cfg("data=file", "data.labels=[a,b]"), path=str(path))
+    assert table.empty and table.attrs["dropped"] == {"missing value": 2}
 
 
 @pytest.mark.parametrize("name", ["records.txt", "records.xlsx", "records"])

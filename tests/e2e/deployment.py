@@ -260,16 +260,24 @@ def start_supernode(
     data_path: Path,
     state_dir: Path,
     *,
-    epsilon: float | None = None,
+    epsilon: float = 8.0,
+    records: int = 2000,
+    labels: str | None = "good,bad",
+    name: str | None = None,
     batch_size: int | None = None,
     device: str | None = None,
     insecure: bool = False,
+    extra: tuple[str, ...] = (),
     timeout: float = 60.0,
 ) -> SuperNode:
     """scripts/deploy/supernode.sh against 127.0.0.1:superlink_port; waits for its node id.
 
+    `epsilon` is the institution's lifetime budget and `records` the count it declares publicly
+    (at least its file's records): both required by supernode.sh.
+
     `flwr_home` is this SuperNode's own (apps it is sent, log `supernode.log`); `key` its
-    registered private key (see :func:`make_key`, :func:`register`). Raises RuntimeError with
+    registered private key (see :func:`make_key`, :func:`register`); `extra` more supernode.sh
+    flags (e.g. --pin-app-hash H, --cold-start). Raises RuntimeError with
     the log if the SuperNode exits (e.g. refused by the SuperLink) before it is connected.
     """
     flwr_home = Path(flwr_home)
@@ -285,9 +293,11 @@ def start_supernode(
         if not Path(key).exists():
             raise FileNotFoundError(f"{key}: make and register it first (make_key, register)")
         command += ["--ca", str(ca), "--key", str(key)]
-    for flag, value in (("--epsilon", epsilon), ("--batch-size", batch_size), ("--device", device)):
+    for flag, value in (("--epsilon", epsilon), ("--records", records), ("--labels", labels), ("--name", name),
+                        ("--batch-size", batch_size), ("--device", device)):
         if value is not None:
             command += [flag, str(value)]
+    command += list(extra)
     log_path = flwr_home / "supernode.log"
     process = _spawn(command, _env(flwr_home), flwr_home, log_path)
     node = SuperNode(process, flwr_home, port, port, log_path, _env(flwr_home))

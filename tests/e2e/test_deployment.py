@@ -27,9 +27,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from fed_dp_lora.privacy.accountant import PrivacyLedger
+from fed_dp_lora import local_log
+from fed_dp_lora.privacy.ledger_store import InstitutionState
 from tests.e2e.deployment import (
-    REPO,
     SCRIPTS,
     make_certs,
     make_key,
@@ -102,13 +102,13 @@ def deployment(tmp_path_factory):
         def start(i: int):
             return start_supernode(tmp / f"node-{i}", link.port, certs.ca, keys[i],
                                    tmp / "data" / f"institution-{i}.csv", state[i],
-                                   epsilon=4.0 if i == 0 else None)
+                                   epsilon=4.0 if i == 0 else 8.0)
 
         nodes = {i: start(i) for i in range(3)}
         run_config = ["-c", f'overrides="{OVERRIDES}"', "-c", f'output-dir="{out}"']
         first_log = tmp / "run-1.log"
         with open(first_log, "w") as log_file:
-            first = subprocess.Popen([_bin("flwr"), "run", str(REPO), NAME, "--stream", *run_config],
+            first = subprocess.Popen(["bash", str(SCRIPTS / "run.sh"), NAME, *run_config],
                                      env=link.env, cwd=str(link.flwr_home), stdout=log_file,
                                      stderr=subprocess.STDOUT, start_new_session=True)
         try:
@@ -123,9 +123,9 @@ def deployment(tmp_path_factory):
 
         seen = len(nodes[2].log())
         with open(tmp / "run-2.log", "w") as log_file:
-            second = subprocess.Popen([_bin("flwr"), "run", str(REPO), NAME, "--stream", *run_config,
-                                       "-c", "resume=true"], env=link.env, cwd=str(link.flwr_home),
-                                      stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
+            second = subprocess.Popen(["bash", str(SCRIPTS / "run.sh"), NAME, *run_config, "-c", "resume=true"],
+                                      env=link.env, cwd=str(link.flwr_home), stdout=log_file,
+                                      stderr=subprocess.STDOUT, start_new_session=True)
         try:
             # Kill institution 2 once its SuperNode has taken the resumed run's round-2 message.
             _wait(lambda: _took_message(nodes[2].log()[seen:]), 300, "institution 2 taking round 2", poll=0.2)
@@ -142,9 +142,10 @@ def deployment(tmp_path_factory):
             pytest.fail(f"no summary.json.\n{(tmp / 'run-2.log').read_text()[-4000:]}\n{link.log()[-3000:]}")
         yield SimpleNamespace(
             summary=json.loads(summary_path.read_text()), state=state, stopped_at=stopped_at,
-            stop_output=stop_output, killed=f"node-{killed_id}", rejoined=f"node-{nodes[2].node_id}",
-            names={i: f"node-{n.node_id}" for i, n in nodes.items()}, log=(tmp / "run-2.log").read_text(),
-            first_log=first_log.read_text(), out=out,
+            stop_output=stop_output, killed_id=killed_id, rejoined_id=nodes[2].node_id, killed="institution-2",
+            names={i: f"institution-{i}" for i in nodes}, ids={i: n.node_id for i, n in nodes.items()},
+            log=(tmp / "run-2.log").read_text(), first_log=first_log.read_text(), out=out, run_id=run_id,
+            exit_codes=(first.returncode, second.returncode),
         )
     finally:
         for node in nodes.values():
@@ -161,13 +162,21 @@ def test_the_run_finished_every_round_once_after_a_stop_and_a_resume(deployment)
     assert all((deployment.out / "adapters" / f"round-{r}").is_dir() for r in (1, 2, 3))
 
 
+def test_run_sh_exits_1_for_the_stopped_run_and_0_for_the_completed_one(deployment):
+    """`flwr run` exits 0 either way; scripts/deploy/run.sh asks the SuperLink how the run ended."""
+    assert deployment.exit_codes == (1, 0), (deployment.first_log[-2000:], deployment.log[-2000:])
+    last = [line for line in deployment.first_log.splitlines() if line.strip()][-1]
+    assert last.startswith(f"error: run {deployment.run_id} was stopped") and "resume=true" in last
+    assert [line for line in deployment.log.splitlines() if line.strip()][-1].startswith(f"Outputs: {deployment.out}")
+
+
 def test_the_killed_node_was_left_out_of_its_round_and_rejoined_later(deployment):
     s = deployment.summary
     round1, round2, round3 = s["rounds"]
     assert set(round1["clients"]) == set(deployment.names.values())
     assert deployment.killed in round2["failures"], round2
     assert deployment.killed not in round2["clients"] and len(round2["clients"]) == 2
-    assert deployment.rejoined == deployment.killed  # the registered key keeps its node id
+    assert deployment.rejoined_id == deployment.killed_id  # the registered key keeps its node id
     assert set(round3["clients"]) == set(deployment.names.values()) and not round3["failures"]
 
 
@@ -175,10 +184,11 @@ def test_every_reported_epsilon_is_the_institution_ledger_with_no_round_twice(de
     s = deployment.summary
     study = s["run"]["study"]
     for i, name in deployment.names.items():
-        data = json.loads((deployment.state[i] / f"ledger-{study}.json").read_text())
-        ledger = PrivacyLedger.from_dict(data["ledger"])
-        assert len(ledger.rounds) == len(set(ledger.rounds)), f"{name} counted a round twice: {ledger.rounds}"
-        assert ledger.rounds[-1] == 3 and 1 in ledger.rounds
+        lifetime = InstitutionState(deployment.state[i]).load_ledger()
+        rounds = [r.round for r in lifetime.releases if r.study == study]
+        assert len(rounds) == len(set(rounds)), f"{name} counted a round twice: {rounds}"
+        assert rounds[-1] == 3 and 1 in rounds
+        ledger = lifetime.study(study)
         assert s["privacy"]["epsilon"][name] == pytest.approx(ledger.epsilon(), rel=1e-9), name
         assert s["privacy"]["steps"][name] == ledger.steps
         budget = 4.0 if i == 0 else 8.0
@@ -188,9 +198,26 @@ def test_every_reported_epsilon_is_the_institution_ledger_with_no_round_twice(de
     assert noise[deployment.names[0]] > max(noise[deployment.names[1]], noise[deployment.names[2]])
 
 
+def test_institutions_are_named_as_registered_in_the_summary_and_the_report(deployment):
+    s = deployment.summary
+    assert s["run"]["nodes"] == {f"institution-{i}": node_id for i, node_id in deployment.ids.items()}
+    assert set(s["privacy"]["epsilon"]) == set(deployment.names.values())
+    report = (deployment.out / "report.md").read_text()
+    assert all(f"| {name} |" in report for name in deployment.names.values())
+
+
+def test_every_message_ran_the_checked_installed_app(deployment):
+    for i, name in deployment.names.items():
+        audit = [json.loads(line) for line in (deployment.state[i] / "app-check.jsonl").read_text().splitlines()]
+        trained = sum(name in r["clients"] and not r["clients"][name].get("replayed") for r in deployment.summary["rounds"])
+        assert len(audit) >= trained and all(e["accepted"] and e["source"] == "installed" for e in audit), name
+
+
 def test_round_times_show_where_a_deployment_round_goes(deployment):
+    """Each institution times its rounds in its own local log; the reply carries no timing."""
     for entry in deployment.summary["rounds"]:
-        for name, m in entry["clients"].items():
-            assert m["train-seconds"] > 0 and m["load-seconds"] > 0, (entry["round"], name)
-            if not m.get("replayed"):
-                assert m["startup-seconds"] > 1, "each deployment message is a new process"
+        assert not any("seconds" in key for m in entry["clients"].values() for key in m)
+    for i in deployment.names:
+        rounds = [e for e in local_log.read(deployment.state[i]) if e["event"] == "round" and not e.get("replayed")]
+        assert rounds and all(e["train-seconds"] > 0 and e["load-seconds"] > 0 for e in rounds)
+        assert all(e["startup-seconds"] >= 0 for e in rounds)

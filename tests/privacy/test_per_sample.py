@@ -1,8 +1,9 @@
 """The fused per-sample-gradient path (fed_dp_lora.privacy.per_sample) and its engine wiring.
 
 The clipped-sum-equals-one-record-at-a-time check for the fused path, on every model kind,
-is test_engine.test_clipped_sum_matches_one_record_at_a_time[fused-*]. References here are
-plain autograd one record at a time, or Opacus' hooks.
+is test_engine.test_clipped_sum_matches_one_record_at_a_time[*-fused-*]. References here are
+plain autograd one record at a time, or Opacus' hooks. Models: the tiny BERT; the per-kind
+agreement of the two paths also on the packaged MiniLM (slow tier).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from torch import nn
 from fed_dp_lora.privacy import per_sample
 from fed_dp_lora.privacy.engine import CoverageError, GradientEngine, PrivateGradientEngine
 from fed_dp_lora.training import per_sample_losses
-from tests.privacy.test_engine import (  # noqa: F401  (_one_thread: autouse fixture)
+from tests.privacy.test_engine import (  # noqa: F401  (fixtures: _one_thread autouse, base_cfg)
     CPU,
     HEAD_BIAS,
     HEAD_WEIGHT,
@@ -26,6 +27,7 @@ from tests.privacy.test_engine import (  # noqa: F401  (_one_thread: autouse fix
     _setup,
     _trainable,
     _weights,
+    base_cfg,
 )
 
 pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook is firing")
@@ -110,9 +112,9 @@ def test_a_layer_called_twice_accumulates_both_calls():
 
 
 @MODEL_KINDS
-def test_fused_and_opacus_per_sample_gradients_agree(make_cfg, overrides):
+def test_fused_and_opacus_per_sample_gradients_agree(base_cfg, overrides):
     n = 6
-    cfg, model, data = _setup(make_cfg, n, *overrides)
+    cfg, model, data = _setup(base_cfg, n, *overrides)
     _no_dropout(model)
     _off_zero(model)
     model.train()
@@ -143,10 +145,10 @@ def test_fused_and_opacus_per_sample_gradients_agree(make_cfg, overrides):
         assert float((fused[name] - hooks[name]).abs().max()) <= 1e-5 * scale, name
 
 
-def test_fused_matches_opacus_with_lora_dropout(make_cfg):
+def test_fused_matches_opacus_with_lora_dropout(tiny_cfg):
     """Dropout > 0: lora_A sees the dropped input, in both paths (the same masks, same seed)."""
     n = 4
-    cfg, model, data = _setup(make_cfg, n, "lora.dropout=0.3")
+    cfg, model, data = _setup(tiny_cfg, n, "lora.dropout=0.3")
     _off_zero(model)
     model.train()
     params = _trainable(model)
@@ -166,10 +168,10 @@ def test_fused_matches_opacus_with_lora_dropout(make_cfg):
         assert float((grads["fused"][name] - grads["opacus"][name]).abs().max()) <= 1e-5 * scale, name
 
 
-def _ready(make_cfg, n: int = 4):
+def _ready(cfg_for, n: int = 4):
     """A model with dropout off and B and the head off zero, in train mode; its trainable
     tensors and one batch of n records."""
-    cfg, model, data = _setup(make_cfg, n)
+    cfg, model, data = _setup(cfg_for, n)
     _no_dropout(model)
     _off_zero(model)
     model.train()
@@ -181,8 +183,8 @@ def _ready(make_cfg, n: int = 4):
 # ---------------------------------------------------------------------------------------------
 
 
-def test_remove_restores_the_original_forward(make_cfg):
-    model, params, batch = _ready(make_cfg)
+def test_remove_restores_the_original_forward(tiny_cfg):
+    model, params, batch = _ready(tiny_cfg)
     assert _swapped(model) == []
     with torch.no_grad():
         before = per_sample_losses(model, batch, None)
@@ -218,8 +220,8 @@ def test_remove_restores_the_original_forward(make_cfg):
     assert _swapped(model) == []
 
 
-def test_engine_detach_leaves_the_model_for_the_next_round(make_cfg):
-    cfg, model, data = _setup(make_cfg, 4)
+def test_engine_detach_leaves_the_model_for_the_next_round(tiny_cfg):
+    cfg, model, data = _setup(tiny_cfg, 4)
     batch = data.batch(torch.arange(4), CPU)
     for _ in range(2):  # the cached model is reused: attach twice, never stack forwards
         engine = PrivateGradientEngine(model, 2.0, 1.0, 1.0, torch.Generator().manual_seed(0))
@@ -233,11 +235,11 @@ def test_engine_detach_leaves_the_model_for_the_next_round(make_cfg):
         assert all(getattr(p, "grad_sample", None) is None for p in model.parameters())
 
 
-def test_an_aborted_step_does_not_leak_into_the_next(make_cfg):
+def test_an_aborted_step_does_not_leak_into_the_next(tiny_cfg):
     """Leftovers of a step that never finalized (an exception in between) never reach a release:
     stale per-sample gradients are cleared by the next backward, and a clipped sum over other
     records than the step's is refused at finalize."""
-    cfg, model, data = _setup(make_cfg, 6)
+    cfg, model, data = _setup(tiny_cfg, 6)
     _no_dropout(model)
     _off_zero(model)
     model.train()
@@ -274,8 +276,8 @@ def test_an_aborted_step_does_not_leak_into_the_next(make_cfg):
 # ---------------------------------------------------------------------------------------------
 
 
-def test_uncovered_trainable_parameter_falls_back_to_opacus(make_cfg):
-    cfg, model, data = _setup(make_cfg, 4)
+def test_uncovered_trainable_parameter_falls_back_to_opacus(tiny_cfg):
+    cfg, model, data = _setup(tiny_cfg, 4)
     model.base_model.model.classifier = ShiftedHead(model.base_model.model.classifier, 2)
     shift = "base_model.model.classifier.shift.0"
     assert per_sample.uncovered_parameters(model) == [shift]
@@ -292,9 +294,9 @@ def test_uncovered_trainable_parameter_falls_back_to_opacus(make_cfg):
         engine.detach()
 
 
-def test_trainable_layer_norm_falls_back_to_opacus_and_trains(make_cfg):
+def test_trainable_layer_norm_falls_back_to_opacus_and_trains(tiny_cfg):
     """A trainable tensor outside nn.Linear that Opacus supports: auto must still train it."""
-    cfg, model, data = _setup(make_cfg, 4)
+    cfg, model, data = _setup(tiny_cfg, 4)
     norm = next(m for m in model.modules() if isinstance(m, nn.LayerNorm))
     norm.weight.requires_grad_(True)
     model.train()  # Opacus' hooks capture nothing in eval mode
@@ -312,8 +314,8 @@ def test_trainable_layer_norm_falls_back_to_opacus_and_trains(make_cfg):
         engine.detach()
 
 
-def test_unknown_per_sample_mode_is_refused(make_cfg):
-    _, model, _ = _setup(make_cfg, 1)
+def test_unknown_per_sample_mode_is_refused(tiny_cfg):
+    _, model, _ = _setup(tiny_cfg, 1)
     with pytest.raises(ValueError, match="per_sample"):
         PrivateGradientEngine(model, 1.0, 1.0, 1.0, torch.Generator(), per_sample="ghost")
     assert _swapped(model) == []
@@ -324,8 +326,8 @@ def test_unknown_per_sample_mode_is_refused(make_cfg):
 # ---------------------------------------------------------------------------------------------
 
 
-def test_non_private_engine_is_untouched(make_cfg):
-    model, params, batch = _ready(make_cfg)
+def test_non_private_engine_is_untouched(tiny_cfg):
+    model, params, batch = _ready(tiny_cfg)
     per_sample_losses(model, batch, None).sum().div(2.0).backward()
     plain = {name: p.grad.clone() for name, p in params.items()}
     model.zero_grad(set_to_none=True)

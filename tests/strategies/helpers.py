@@ -30,8 +30,9 @@ def filled(reference: dict[str, torch.Tensor], value: float) -> dict[str, torch.
 
 
 def run_strategy(strategy, grid: InProcessGrid, initial: dict, rounds: int = 1):
+    """Flower's own round loop; the study id is what our ServerApp sends every client."""
     return strategy.start(grid=grid, initial_arrays=ArrayRecord(initial), num_rounds=rounds,
-                          train_config=ConfigRecord())
+                          train_config=ConfigRecord({"study-id": "test-study"}))
 
 
 class LogRecords(logging.Handler):

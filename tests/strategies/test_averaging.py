@@ -17,13 +17,14 @@ import torch
 from flwr.app import ConfigRecord, Context, Error, Message, RecordDict
 from flwr.supercore.logger import FLOWER_LOGGER
 
-from fed_dp_lora.client_app import LEDGER_KEY, REFUSED_BUDGET, REFUSED_CONFIG
+from fed_dp_lora.client_app import LEDGER_KEY
 from fed_dp_lora.client_app import app as client_app
-from fed_dp_lora.config import load_config, resolve_delta, to_plain
+from fed_dp_lora.client_data import cached_model
+from fed_dp_lora.config import load_config, to_plain
 from fed_dp_lora.experiments.inprocess import InProcessGrid
-from fed_dp_lora.local_round import cached_model, client_data
 from fed_dp_lora.models import build_model, load_trainable_state, trainable_state
-from fed_dp_lora.privacy.accountant import PrivacyLedger
+from fed_dp_lora.privacy.institution_ledger import InstitutionLedger, Release, StudyTerms
+from fed_dp_lora.reply import REFUSAL_TEXT, Refusal
 from fed_dp_lora.report import RunReport
 from fed_dp_lora.strategies import build_strategy
 from tests.strategies.helpers import error_reply, filled, reply_with, run_strategy
@@ -85,8 +86,8 @@ def test_aggregation_is_weighted_by_num_examples(tmp_path, make_cfg):
     assert report.rounds[0]["failures"] == {}
 
 
-def test_ffa_averaging_b_is_exactly_the_average_of_the_updates_ba(tmp_path):
-    overrides = f"{FAST} lora=ffa"
+def test_ffa_averaging_b_is_exactly_the_average_of_the_updates_ba(tmp_path, tiny_models):
+    overrides = f"{FAST} lora=ffa {tiny_models.classifier[0]}"
     cfg = load_config({"overrides": overrides, "output-dir": ""})
     assert cfg.lora.mode == "ffa"
     server_model = build_model(cfg, 2)  # the server's own copy, built independently
@@ -174,21 +175,21 @@ def test_malformed_updates_are_rejected_logged_and_the_round_goes_on(tmp_path, m
     assert summary["rounds"][0]["failures"] == failures
 
 
-def test_error_replies_are_recorded_with_their_reason(tmp_path):
-    overrides = FAST
+def test_error_replies_are_recorded_with_their_reason(tmp_path, tiny_models):
+    overrides = f"{FAST} {tiny_models.classifier[0]}"
     cfg = load_config({"overrides": overrides, "output-dir": ""})
     reference = trainable_state(cached_model(cfg))
 
     # A real client whose ledger (in its Context) has already spent far more than the budget.
     node_config = {"partition-id": 0, "num-partitions": 3}
-    spent = PrivacyLedger("rdp", resolve_delta(cfg, len(client_data(cfg, node_config))))
-    spent.record(1.0, 0.5, 5000)
+    spent = InstitutionLedger([Release("test-study", 0, 1.0, 0.5, 5000)], {"test-study": StudyTerms(1e-4, "rdp", 1.0)})
     exhausted = Context(run_id=7, node_id=401, node_config=node_config, state=RecordDict(),
                         run_config={"overrides": overrides, "output-dir": ""})
     exhausted.state[LEDGER_KEY] = ConfigRecord(spent.to_dict())
     # A real client pointed at a data file that does not exist.
     missing = tmp_path / "gone.csv"
-    no_data = Context(run_id=7, node_id=402, node_config={"data-path": str(missing), "state-dir": str(tmp_path)},
+    no_data = Context(run_id=7, node_id=402, node_config={"data-path": str(missing), "state-dir": str(tmp_path),
+                                                          "records": 100, "epsilon": 8.0, "labels": "good,bad"},
                       state=RecordDict(),
                       run_config={"overrides": overrides, "output-dir": ""})
     traceback = ("Traceback (most recent call last):\n  File \"client_app.py\", line 3\n"
@@ -196,7 +197,7 @@ def test_error_replies_are_recorded_with_their_reason(tmp_path):
     grid = InProcessGrid({
         401: lambda msg: client_app(msg, exhausted),
         402: lambda msg: client_app(msg, no_data),
-        403: error_reply(REFUSED_BUDGET, traceback),
+        403: error_reply(Refusal.BUDGET, traceback),
         404: reply_with({k: v + 1.0 for k, v in reference.items()}, 10),
         405: reply_with({k: v + 3.0 for k, v in reference.items()}, 30),
         406: node_unavailable,
@@ -208,12 +209,12 @@ def test_error_replies_are_recorded_with_their_reason(tmp_path):
     assert set(failures) == {"node-401", "node-402", "node-403", "node-406"}
     # The SuperLink answers for a dead node; the failure is still the node's, not the SuperLink's.
     assert failures["node-406"].startswith("error (code 5): Node Unavailable")
-    assert failures["node-401"].startswith(f"error (code {REFUSED_BUDGET}): privacy budget exhausted")
-    assert failures["node-402"].startswith(f"error (code {REFUSED_CONFIG}): DataError")
-    assert str(missing) in failures["node-402"]
+    assert failures["node-401"] == f"error (code {Refusal.BUDGET}): {REFUSAL_TEXT[Refusal.BUDGET]}"
+    # The institution's file problem reaches the server as a code and a fixed text, never the path.
+    assert failures["node-402"] == f"error (code {Refusal.DATA}): {REFUSAL_TEXT[Refusal.DATA]}"
     # Only the message of a traceback-style reason is kept.
     assert failures["node-403"] == (
-        f"error (code {REFUSED_BUDGET}): BudgetExceeded: privacy budget exhausted: "
+        f"error (code {Refusal.BUDGET}): BudgetExceeded: privacy budget exhausted: "
         "epsilon would reach 9.100 > budget 8"
     )
     assert dict(exhausted.state[LEDGER_KEY]) == spent.to_dict()  # the refusal spent nothing

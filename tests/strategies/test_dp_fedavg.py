@@ -161,10 +161,10 @@ def test_delta_at_or_above_one_over_n_is_refused_before_any_training(tmp_path, m
     assert grid.sent == []
 
 
-def test_record_and_user_level_are_reported_separately_with_their_units(tmp_path):
+def test_record_and_user_level_are_reported_separately_with_their_units(tmp_path, tiny_models):
     summary = run_federation(
         "+preset=tiny train.batch_size=16 train.epochs=0.001 privacy.noise_multiplier=1.0 "
-        "strategy=dp-fedavg strategy.noise_multiplier=2.0 rounds=1", 2, tmp_path)
+        f"strategy=dp-fedavg strategy.noise_multiplier=2.0 rounds=1 {tiny_models.classifier[0]}", 2, tmp_path)
     privacy = summary["privacy"]
     assert privacy["enabled"] is True and privacy["unit"].startswith("record:")
     assert set(privacy["epsilon"]) == {"client-0", "client-1"}

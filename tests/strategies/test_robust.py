@@ -163,9 +163,10 @@ def test_krum_keeps_one_clients_product_exactly(tmp_path, make_cfg):
     assert torch.equal(got[B] @ got[A], clients[chosen][B] @ clients[chosen][A])
 
 
-def test_ffa_robust_statistics_of_b_give_the_update_of_that_statistic(tmp_path):
+def test_ffa_robust_statistics_of_b_give_the_update_of_that_statistic(tmp_path, tiny_models):
     """With A frozen and shared, Delta W = s B A is linear in B: median over B is meaningful."""
-    cfg = load_config({"overrides": "+preset=tiny lora=ffa strategy=median", "output-dir": ""})
+    overrides = f"+preset=tiny lora=ffa strategy=median {tiny_models.classifier[0]}"
+    cfg = load_config({"overrides": overrides, "output-dir": ""})
     model = build_model(cfg, 2)
     initial = trainable_state(model)
     assert not any("lora_A" in k for k in initial)

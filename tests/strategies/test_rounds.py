@@ -11,13 +11,13 @@ from fed_dp_lora.experiments.inprocess import InProcessGrid
 from fed_dp_lora.report import RunReport
 from fed_dp_lora.strategies import build_strategy
 from fed_dp_lora.strategies.rounds import run_rounds
-from fed_dp_lora.wire import REFUSED_BUDGET, REFUSED_CONFIG
+from fed_dp_lora.reply import Refusal
 from tests.strategies.helpers import error_reply, filled, reply_with
 
 pytestmark = pytest.mark.usefixtures("task_identity")
 
 REFERENCE = {"layer.lora_A": torch.zeros(2, 4), "layer.lora_B": torch.zeros(4, 2)}
-BUDGET = error_reply(REFUSED_BUDGET, "privacy budget exhausted: epsilon would reach 8.1 > budget 8")
+BUDGET = error_reply(Refusal.BUDGET, "privacy budget exhausted: epsilon would reach 8.1 > budget 8")
 
 
 def run(tmp_path, make_cfg, handlers, rounds: range, minimum: int = 2):
@@ -43,7 +43,7 @@ def test_rounds_start_where_asked_and_carry_the_round_number(tmp_path, make_cfg)
 
 
 def test_too_few_accepted_updates_keep_the_adapter_and_the_run_goes_on(tmp_path, make_cfg):
-    handlers = {1: reply_with(filled(REFERENCE, 1.0)), 2: error_reply(REFUSED_CONFIG, "DataError: bad file"),
+    handlers = {1: reply_with(filled(REFERENCE, 1.0)), 2: error_reply(Refusal.CONFIG, "DataError: bad file"),
                 3: BUDGET}
     report, strategy, done, final = run(tmp_path, make_cfg, handlers, range(1, 3))
     assert done == [1, 2] and strategy.stop_reason is None  # 3 sent - 1 out of budget = 2 could train
