@@ -80,7 +80,8 @@ _INTEGERS = {"seed": False, "rounds": False, "model.keep_layers": True, "lora.r"
 _FLOATS = {"lora.alpha": False, "lora.dropout": False, "data.test_fraction": False,
            "data.dirichlet_alpha": False, "privacy.epsilon": True, "privacy.delta": True,
            "privacy.noise_multiplier": True, "privacy.clip_norm": False, "train.epochs": False,
-           "train.lr": False, "strategy.fraction_train": False, "audit.guess_fraction": False,
+           "train.lr": True, "data.lr.private": False, "data.lr.non_private": False,
+           "probe.center_clip": False, "probe.center_noise_multiplier": False, "strategy.fraction_train": False, "audit.guess_fraction": False,
            "audit.confidence": False, "attack.fraction": False,
            "attack.scale": False, "secaggplus.clipping_range": False, "secaggplus.max_weight": False,
            "secaggplus.timeout": True, "strategy.round_timeout": False}
@@ -149,7 +150,7 @@ def validate(cfg: DictConfig) -> None:
         "is empty",
         "name the modules to adapt, e.g. [query,value] (BERT) or [q_proj,v_proj] (Llama)",
     )
-    _choice(cfg, "data.source", ("credit", "file", "hub"))
+    _choice(cfg, "data.source", ("credit", "reviews", "file", "hub"))
     if cfg.data.source == "hub":
         _require(cfg.data.name is not None, "data.name", "is missing", "set data.name=<hub id>")
     _require(
@@ -215,7 +216,11 @@ def validate(cfg: DictConfig) -> None:
     _require(int(cfg.rounds) >= 1, "rounds", "must be at least 1", "e.g. rounds=4")
     _require(float(cfg.train.epochs) > 0, "train.epochs", "must be > 0", "e.g. 1")
     _require(int(cfg.train.batch_size) >= 1, "train.batch_size", "must be >= 1", "e.g. 64")
-    _require(float(cfg.train.lr) > 0, "train.lr", "must be > 0", "e.g. 0.003")
+    _require(cfg.train.lr is None or float(cfg.train.lr) > 0, "train.lr", "must be > 0",
+             "e.g. 0.003, or null for the data source's data.lr")
+    for key in ("private", "non_private"):
+        _require(float(cfg.data.lr[key]) > 0, f"data.lr.{key}", "must be > 0", "e.g. 0.03")
+    _validate_method(cfg)
     _choice(cfg, "train.optimizer", ("adam", "sgd"))
     _choice(cfg, "train.device", ("auto", "cpu", "cuda"))
     _require(cfg.train.micro_batch_size is None or int(cfg.train.micro_batch_size) >= 1, "train.micro_batch_size",
@@ -244,6 +249,23 @@ def validate(cfg: DictConfig) -> None:
             f"{cfg.output_dir!r} is not an absolute path",
             "pass an absolute path: -c 'output-dir=\"/abs/path\"'",
         )
+
+
+def _validate_method(cfg: DictConfig) -> None:
+    """train.method and the linear probe's settings (probe.*)."""
+    _choice(cfg, "train.method", ("linear-probe", "lora"))
+    if cfg.train.method != "linear-probe":
+        return
+    _require(cfg.model.task == "classification", "train.method",
+             "linear-probe trains a classification head", "use recipe=lora for model.task=causal-lm")
+    _require(not cfg.audit.enabled and not cfg.audit.release.enabled, "audit",
+             "the audits plant canaries in the LoRA training path", "audit with recipe=lora")
+    _require(not cfg.train.gradient_checkpointing, "train.gradient_checkpointing",
+             "the linear probe trains no layer of the base model", "leave it false with recipe=linear-probe")
+    pr = cfg.probe
+    _require(isinstance(pr.center, bool), "probe.center", f"{pr.center!r} is not a boolean", "use true or false")
+    _require(float(pr.center_clip) > 0, "probe.center_clip", "must be > 0", "e.g. 4.5")
+    _require(float(pr.center_noise_multiplier) > 0, "probe.center_noise_multiplier", "must be > 0", "e.g. 10")
 
 
 def _validate_outputs(cfg: DictConfig) -> None:

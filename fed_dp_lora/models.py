@@ -308,7 +308,12 @@ def add_lora(model: PreTrainedModel, cfg: DictConfig) -> PeftModel:
     return peft_model
 
 
-def build_model(cfg: DictConfig, num_labels: int | None) -> PeftModel:
+def build_model(cfg: DictConfig, num_labels: int | None) -> nn.Module:
+    """The model train.method trains: a LinearProbe (frozen encoder and head) or a PEFT LoRA model."""
+    if cfg.train.method == "linear-probe":
+        from fed_dp_lora.probe import build_probe
+
+        return build_probe(cfg, int(num_labels))  # type: ignore[arg-type]  # validate: classification
     model = add_lora(load_base(cfg, num_labels), cfg)
     if cfg.train.gradient_checkpointing:
         # Non-reentrant: needs no input that requires grad (the base is frozen), and the fused

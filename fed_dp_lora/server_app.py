@@ -17,6 +17,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
 from fed_dp_lora import checkpoint
+from fed_dp_lora.advice import majority_warning
 from fed_dp_lora.audit.release import ReleaseAudit
 from fed_dp_lora.canary_audit import CanaryAudit
 from fed_dp_lora.central import CentralEvaluator
@@ -56,6 +57,8 @@ def main(grid: Grid, context: Context) -> None:
     report.majority_baseline = central.majority
     if central.majority:
         log(INFO, "Majority-class baseline on the central test set: %s", central.majority)
+    if central.length_info:
+        log(WARNING if central.length_warning else INFO, central.length_warning or central.length_info)
 
     rounds, interval = int(cfg.rounds), int(cfg.eval.interval)
     strategy = None if cfg.secagg else build_strategy(cfg, report)
@@ -91,6 +94,9 @@ def main(grid: Grid, context: Context) -> None:
                                                 "save": time.perf_counter() - evaluated_at})
             if metrics is not None:
                 report.record_eval(server_round, metrics)
+                warning = majority_warning(cfg, metrics, central.num_labels) if central.num_labels else None
+                if warning:
+                    log(WARNING, "fed-dp-lora: round %d: %s", server_round, warning)
             report.write()
             tracker.log_round(report.rounds[-1])
             log(INFO, report.progress_line(server_round, rounds))

@@ -38,7 +38,7 @@ def test_groups_select_their_options(make_cfg):
     assert cfg.model.task == "causal-lm" and cfg.model.name == "smollm2"
     assert cfg.lora.mode == "ffa" and cfg.lora.r == 8  # ffa inherits vanilla's keys
     # privacy=none inherits every other privacy key from privacy=dp
-    assert cfg.privacy.enabled is False and cfg.privacy.clip_norm == compose_config([]).privacy.clip_norm
+    assert cfg.privacy.enabled is False and cfg.privacy.clip_norm == compose_config(["+preset=tiny"]).privacy.clip_norm
     assert cfg.data.source == "file" and cfg.data.class_weights is None
 
 
