@@ -80,7 +80,7 @@ class CentralEvaluator:
         tokenizer = load_tokenizer(cfg)
         self.test = encode(table, tokenizer, cfg)
         if classification:
-            lengths = np.array([len(ids) for ids in tokenizer(list(table["text"]))["input_ids"]])
+            lengths = np.array([len(ids) for ids in tokenizer(list(table["text"]), verbose=False)["input_ids"]])
             self.length_info, self.length_warning = length_report(lengths, int(cfg.train.max_length))
         # The linear probe's head is evaluated on the test set's cached features (the server's own).
         self.test_features = cached_features(self.model, self.test, cache_dir() / "features") \
