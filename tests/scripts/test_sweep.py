@@ -73,8 +73,10 @@ def test_the_table_cells_and_verdicts(sweep, tmp_path):
     table.write_results(rows, a, a)
     text = (tmp_path / "r.md").read_text()
     # mean 0.62, sample sd 0.028 over two seeds; AUC = bal + 0.1
-    assert "| federated, 3 clients (the default run) | not run | not run | 0.620 ± 0.028 / 0.720 ± 0.028 (2 seeds)" in text
-    assert "we lose to the non-private LR by 13.0 points of balanced accuracy" in text
+    assert "| federated, 3 clients (the default run) | – | – | 0.620 ± 0.028 / 0.720 ± 0.028 (2 seeds)" in text
+    assert ("credit, ε = 8, against the non-private LR: balanced accuracy -13.0 points, AUC -13.0 points: "
+            "we lose on balanced accuracy and AUC.") in text
+    assert "credit ε = 8 balanced accuracy >= 0.72: 0.620, NOT met." in text
     assert "Largest epsilon any client's ledger reported in these cells: 8.000" in text
     assert "Not run yet" in text and "reviews" in text.split("Not run yet")[1]
     assert "chosen on validation splits" in text
