@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -95,7 +96,13 @@ def keep(store: InstitutionState, study: str, centre: Centre) -> None:
 
 def private_mean(features: torch.Tensor, clip: float, noise_multiplier: float, records: int,
                  generator: torch.Generator | None) -> torch.Tensor:
-    """(sum_i clip(x_i, C) + N(0, (sigma C)^2 I)) / records."""
+    """(sum_i clip(x_i, C) + N(0, (sigma C)^2 I)) / records.
+
+    Without a generator the noise comes from OS entropy, never from torch's global generator
+    (model loading seeds that with a public seed, so the server could replay its draws).
+    """
+    if generator is None:
+        generator = torch.Generator().manual_seed(secrets.randbits(63))
     norms = features.norm(dim=1, keepdim=True)
     clipped = features * (clip / (norms + 1e-12)).clamp(max=1.0)
     device = generator.device if generator is not None else features.device

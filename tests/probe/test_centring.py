@@ -34,3 +34,12 @@ def test_the_head_sent_in_raw_coordinates_equals_the_trained_centred_head():
     fold_into(raw, centred, mean)
     assert torch.allclose(raw(x), centred(x - mean), atol=1e-4)
     assert dict(raw.named_parameters()).keys() == {"weight", "bias"}  # nothing of the feature size but W
+
+
+def test_without_a_generator_the_noise_is_not_torchs_global_stream():
+    """Model loading seeds torch's global generator with a public seed: the mean must not use it."""
+    x = torch.randn(40, 8)
+    torch.manual_seed(0)
+    first = private_mean(x, 4.5, 10.0, 40, None)
+    torch.manual_seed(0)
+    assert not torch.equal(first, private_mean(x, 4.5, 10.0, 40, None))
