@@ -14,11 +14,11 @@ from omegaconf import DictConfig
 from fed_dp_lora.advice import length_report
 from fed_dp_lora.config import ConfigError
 from fed_dp_lora.data import holdout_split, label_names, load_table
+from fed_dp_lora.files import write_dir_atomic
 from fed_dp_lora.models import build_model, cache_dir, load_tokenizer, load_trainable_state, trainable_state
 from fed_dp_lora.probe import LinearProbe
 from fed_dp_lora.probe.features import cached_features
-from fed_dp_lora.training import (Encoded, classification_metrics, encode, evaluate, majority_baseline,
-                                  record_losses)
+from fed_dp_lora.training import Encoded, classification_metrics, encode, evaluate, majority_baseline, record_losses
 
 T = TypeVar("T")
 
@@ -90,7 +90,7 @@ class CentralEvaluator:
             labels = self.test.labels.numpy()
             # The server owns only the test set, so the baseline predicts its majority class:
             # if anything, an optimistic baseline.
-            self.majority = majority_baseline(labels, labels, self.num_labels)
+            self.majority = majority_baseline(labels, labels, len(label_names(cfg)))
 
     def initial_state(self) -> dict[str, torch.Tensor]:
         return trainable_state(self.model)
@@ -98,6 +98,7 @@ class CentralEvaluator:
     def evaluate(self, state: dict[str, torch.Tensor]) -> dict[str, float]:
         load_trainable_state(self.model, state)
         if self.test_features is not None:
+            assert isinstance(self.model, LinearProbe)  # test features exist for the linear probe only
             with torch.no_grad():
                 logits = self.model.classifier(self.test_features.to(self.model.classifier.weight.device))
             return classification_metrics(self.test.labels.numpy(), torch.softmax(logits.float(), -1).cpu().numpy())
@@ -116,5 +117,5 @@ class CentralEvaluator:
     def save_adapter(self, state: dict[str, torch.Tensor], folder: Path) -> None:
         """A PEFT adapter folder: PeftModel.from_pretrained(base, folder) loads it."""
         load_trainable_state(self.model, state)
-        self.model.save_pretrained(folder)
+        write_dir_atomic(folder, lambda tmp: self.model.save_pretrained(str(tmp)))
 

@@ -89,7 +89,8 @@ def resume_point(out: Path, config: dict[str, Any], resume: bool) -> Checkpoint 
         raise ConfigError(f"resume: {out} has no {FILE}, so there is nothing to resume. Fix: check "
                           "output-dir, or start the run without resume=true")
     before, now = _flat(checkpoint.config), _flat(config)
-    changed = sorted(k for k in set(before) | set(now) if k not in ("resume", "output_dir") and before.get(k) != now.get(k))
+    changed = sorted(k for k in set(before) | set(now)
+                     if k not in ("resume", "output_dir") and before.get(k) != now.get(k))
     if changed:
         detail = ", ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in changed[:6])
         raise ConfigError(f"resume: the configuration differs from the stopped run's ({detail}). Fix: "

@@ -26,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from fed_dp_lora.data import client_partition, holdout_split, label_names, load_table
 from fed_dp_lora.data.canaries import canary_words, client_canaries
 from fed_dp_lora.files import write_atomic
-from fed_dp_lora.models import build_model, cache_dir, load_tokenizer
+from fed_dp_lora.models import ModelSpec, build, cache_dir, load_tokenizer
 from fed_dp_lora.node_policy import NodePolicy, PolicyError
 from fed_dp_lora.probe.features import cached_features
 from fed_dp_lora.training import Encoded, encode, plan_steps
@@ -49,47 +49,87 @@ class ClientData:
 
     def plan(self, cfg: DictConfig) -> tuple[float, int]:
         """(q, steps this round) from public values only."""
-        return plan_steps(self.records, int(cfg.train.batch_size), float(cfg.train.epochs))
+        return plan_steps(self.records, cfg.train.batch_size, cfg.train.epochs)
 
 
-def _key(cfg: DictConfig, *sections: str) -> str:
-    plain = OmegaConf.to_container(cfg, resolve=True)
-    return json.dumps({s: plain[s] for s in sections}, sort_keys=True)
+@dataclass(frozen=True)
+class TableSpec:
+    """What building a client's token table reads: the data section, the tokenizer, the canaries.
+
+    The table caches are keyed by this value, and the builder reads a configuration rebuilt
+    from these fields alone (:meth:`config`, struct mode), so a setting it reads cannot be
+    missing from the key: the read fails instead.
+    """
+
+    data: str  # the whole data section as sorted JSON: the data layer reads most of it
+    model_name: str  # the tokenizer
+    task: str
+    max_length: int
+    seed: int  # the hold-out split and the partitions
+    audit_enabled: bool
+    audit_canaries: int
+    audit_seed: int
+
+    @classmethod
+    def of(cls, cfg: DictConfig) -> TableSpec:
+        data = json.dumps(OmegaConf.to_container(cfg.data, resolve=True), sort_keys=True)
+        a = cfg.audit
+        return cls(data, cfg.model.name, cfg.model.task, cfg.train.max_length, cfg.seed, a.enabled, a.canaries,
+                   a.seed)
+
+    def config(self) -> DictConfig:
+        cfg = OmegaConf.create({
+            "data": json.loads(self.data), "model": {"name": self.model_name, "task": self.task},
+            "train": {"max_length": self.max_length}, "seed": self.seed,
+            "audit": {"enabled": self.audit_enabled, "canaries": self.audit_canaries, "seed": self.audit_seed},
+        })
+        OmegaConf.set_struct(cfg, True)
+        return cfg
 
 
 @lru_cache(maxsize=2)
-def _cached_model(key: str) -> torch.nn.Module:
-    cfg = OmegaConf.create(json.loads(key))
+def _cached_model(spec: ModelSpec) -> torch.nn.Module:
+    return build(spec)
+
+
+def model_spec(cfg: DictConfig) -> ModelSpec:
+    """What builds this configuration's model, the head sized by the run's class names."""
     num_labels = len(label_names(cfg)) if cfg.model.task == "classification" else None
-    return build_model(cfg, num_labels)
+    return ModelSpec.of(cfg, num_labels)
 
 
 def cached_model(cfg: DictConfig) -> torch.nn.Module:
-    """The process-wide LoRA model for this model/LoRA/data config."""
-    return _cached_model(_key(cfg, "model", "lora", "data", "train"))
+    """The process-wide model (linear probe or LoRA) for this configuration, keyed by what builds it.
+
+    It is a working copy: every round loads the incoming global adapter into it first, and
+    configurations that build the same model share it.
+    """
+    return _cached_model(model_spec(cfg))
 
 
 def _assigned_canaries(cfg: DictConfig, partition: tuple[int, int] | None) -> int:
     """How many audit canaries may join this client: public (the coins that pick them are not)."""
     if not cfg.audit.enabled or partition is None:
         return 0
-    return len(range(partition[0], int(cfg.audit.canaries), partition[1]))
+    return len(range(partition[0], cfg.audit.canaries, partition[1]))
 
 
 @lru_cache(maxsize=64)
-def _cached_table(key: str, data_path: str | None, partition: tuple[int, int] | None,
+def _cached_table(spec: TableSpec, data_path: str | None, partition: tuple[int, int] | None,
                   version: str = "") -> tuple[Encoded, str, int]:
     """(tokens, what was dropped as JSON, how many records came from the data before canaries).
     `version` (the file's size and time) keeps a process from reusing an edited file's tokens."""
-    cfg = OmegaConf.create(json.loads(key))
+    cfg = spec.config()
     if data_path is not None:
         table = load_table(cfg, path=data_path)  # deployment: the institution's whole file
     else:
+        assert partition is not None, "a simulated client always has its partition-id (node_policy)"
         train, _ = holdout_split(load_table(cfg), cfg)
         table = client_partition(train, cfg, *partition)
     dropped, real = dict(table.attrs.get("dropped", {})), len(table)
     tokenizer = load_tokenizer(cfg)
     if cfg.audit.enabled:
+        assert partition is not None, "client_data refuses an audit on a node without a slot"
         num_labels = len(label_names(cfg)) if cfg.model.task == "classification" else None
         words = canary_words(tokenizer.get_vocab())
         table = pd.concat([table, client_canaries(cfg, num_labels, words, *partition)], ignore_index=True)
@@ -98,27 +138,27 @@ def _cached_table(key: str, data_path: str | None, partition: tuple[int, int] | 
 
 def client_data(cfg: DictConfig, policy: NodePolicy) -> ClientData:
     """This client's tokenized records: `data-path` in deployment, a partition in simulation."""
-    key = _key(cfg, "model", "data", "train", "seed", "audit")
+    spec = TableSpec.of(cfg)
     if policy.deployment:
         if cfg.audit.enabled and policy.partition is None:
             raise PolicyError(
                 "node-config partition-id: audit.enabled needs each canary in exactly one institution, and "
                 "this SuperNode has no slot. Fix: add partition-id=<i> num-partitions=<n> to its --node-config"
             )
-        encoded, dropped, _ = _disk_cached(key, policy) if policy.state_dir else \
-            _cached_table(key, policy.data_path, policy.partition)
+        encoded, dropped, _ = _disk_cached(spec, policy) if policy.state_dir else \
+            _cached_table(spec, policy.data_path, policy.partition)
         records = int(policy.records)  # type: ignore[arg-type]  # required in deployment (node_policy)
         if len(encoded) > records:
             raise PolicyError(f"node-config records: the file holds {len(encoded)} usable records, more than "
                               f"the {records} declared. Fix: declare records >= {len(encoded)}")
     else:
-        encoded, dropped, real = _cached_table(key, None, policy.partition)
+        encoded, dropped, real = _cached_table(spec, None, policy.partition)
         # Simulation: partitions of a public data set, so their sizes are public.
         records = real + _assigned_canaries(cfg, policy.partition)
     return ClientData(encoded, records, policy, json.loads(dropped))
 
 
-def _disk_cached(key: str, policy: NodePolicy) -> tuple[Encoded, str, int]:
+def _disk_cached(spec: TableSpec, policy: NodePolicy) -> tuple[Encoded, str, int]:
     """Tokenized once per file version, kept in the institution's state dir.
 
     In deployment each round is a new process, so the in-process cache never hits; this skips
@@ -128,8 +168,8 @@ def _disk_cached(key: str, policy: NodePolicy) -> tuple[Encoded, str, int]:
     path = Path(str(policy.data_path))
     stat = path.stat() if path.is_file() else None
     if stat is None:
-        return _cached_table(key, policy.data_path, policy.partition)  # raises the DataError
-    version = json.dumps([key, str(path.resolve()), stat.st_size, stat.st_mtime_ns, policy.partition])
+        return _cached_table(spec, policy.data_path, policy.partition)  # raises the DataError
+    version = json.dumps([asdict(spec), str(path.resolve()), stat.st_size, stat.st_mtime_ns, policy.partition])
     cache = Path(str(policy.state_dir)) / f"tokens-{hashlib.sha256(version.encode()).hexdigest()[:16]}.pt"
     if cache.is_file():
         try:
@@ -137,7 +177,7 @@ def _disk_cached(key: str, policy: NodePolicy) -> tuple[Encoded, str, int]:
             return Encoded(**saved["encoded"]), saved["dropped"], int(saved["real"])
         except Exception as err:  # a damaged cache is rebuilt, never trusted
             log.warning("token cache %s unreadable (%s); tokenizing again", cache, err)
-    encoded, dropped, real = _cached_table(key, policy.data_path, policy.partition, version)
+    encoded, dropped, real = _cached_table(spec, policy.data_path, policy.partition, version)
     Path(str(policy.state_dir)).mkdir(parents=True, exist_ok=True)
     write_atomic(cache, lambda handle: torch.save({"encoded": asdict(encoded), "dropped": dropped, "real": real},
                                                   handle))

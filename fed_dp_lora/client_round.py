@@ -14,13 +14,14 @@ import contextlib
 import logging
 import math
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 from omegaconf import DictConfig
 
-from fed_dp_lora import local_log
+from fed_dp_lora import local_log, reply
 from fed_dp_lora.audit.release import release_canaries
 from fed_dp_lora.client_data import ClientData, cached_model, client_data, client_features
 from fed_dp_lora.models import load_trainable_state, trainable_state
@@ -28,12 +29,11 @@ from fed_dp_lora.node_policy import NodePolicy, PolicyError, apply_node_config, 
 from fed_dp_lora.privacy.engine import GradientEngine, PrivateGradientEngine
 from fed_dp_lora.privacy.institution_ledger import InstitutionLedger, Plan, Request
 from fed_dp_lora.privacy.ledger_store import InstitutionState, reconcile, state_digest
-from fed_dp_lora.probe import centring
+from fed_dp_lora.privacy.streams import StreamKey, institution_secret, model_seed, round_generators, simulation_secret
+from fed_dp_lora.probe import LinearProbe, centring
 from fed_dp_lora.probe.centring import centred_head, fold_into
 from fed_dp_lora.probe.training import train_head
-from fed_dp_lora.privacy.streams import StreamKey, institution_secret, model_seed, round_generators, simulation_secret
-from fed_dp_lora import reply
-from fed_dp_lora.training import TrainStats, plan_steps, train_local
+from fed_dp_lora.training import TrainStats, train_local
 
 log = logging.getLogger(__name__)
 
@@ -161,6 +161,7 @@ def _probe_round(cfg: DictConfig, policy: NodePolicy, request: RoundRequest, sto
     """The linear probe: DP-SGD on the head over cached features, centred on the client's own
     feature mean, which under DP is a Gaussian-mechanism release charged in this round's plan
     (once per study and data version) and kept in the state dir, never sent."""
+    assert isinstance(model, LinearProbe)  # train.method=linear-probe builds one (models.build)
     study = request.study or ""
     features = client_features(cfg, policy, data, model)
     centre = centring.kept(cfg, store, ledger, study, features)
@@ -219,7 +220,7 @@ def _engine(cfg: DictConfig, model: torch.nn.Module, data: ClientData, plan: Pla
     else:
         engine = PrivateGradientEngine(model, rate * data.records, float(cfg.privacy.clip_norm),
                                        plan.terms.noise, generator=noise, extra=canaries)
-    engine.sampling = sampling  # type: ignore[attr-defined]
+    engine.sampling = sampling
     return engine
 
 

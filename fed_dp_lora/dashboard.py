@@ -27,8 +27,10 @@ from fed_dp_lora.report_page import fmt, headline, summary_tables
 
 STYLE = (
     "body{font-family:sans-serif;max-width:1000px;margin:1.5em auto;color:#222}"
-    "table{border-collapse:collapse;margin-bottom:1em}td,th{border:1px solid #bbb;padding:3px 8px;text-align:right}"
-    "td:first-child,th:first-child,.clients td:last-child{text-align:left}tr.baseline td{font-style:italic;background:#f4f4f4}"
+    "table{border-collapse:collapse;margin-bottom:1em}"
+    "td,th{border:1px solid #bbb;padding:3px 8px;text-align:right}"
+    "td:first-child,th:first-child,.clients td:last-child{text-align:left}"
+    "tr.baseline td{font-style:italic;background:#f4f4f4}"
     ".bars{display:grid;grid-template-columns:max-content 1fr max-content;gap:6px 12px;align-items:center}"
     ".track{background:#eee;height:18px;position:relative;border:1px solid #ccc}"
     ".fill{background:#3b7dd8;height:100%}.fill.over{background:#c0392b}"
@@ -79,7 +81,8 @@ def epsilon_bars(summary: dict[str, Any]) -> str:
 def _table(title: str, header: list[str], rows: list[list[str]], extra: str = "") -> str:
     head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
     body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows)
-    return f"<h2>{html.escape(title)}</h2><table class='{html.escape(title.split()[0].lower())}'><tr>{head}</tr>{body}{extra}</table>"
+    table_class = html.escape(title.split()[0].lower())
+    return f"<h2>{html.escape(title)}</h2><table class='{table_class}'><tr>{head}</tr>{body}{extra}</table>"
 
 
 def _baseline_row(summary: dict[str, Any], header: list[str]) -> str:

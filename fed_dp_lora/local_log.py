@@ -14,7 +14,7 @@ from logging import INFO, WARNING
 from pathlib import Path
 from typing import Any
 
-from flwr.common.logger import log
+from flwr.common import log
 
 FILE = "rounds.jsonl"
 

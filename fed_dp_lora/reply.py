@@ -11,24 +11,35 @@ metric cannot leak by accident.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from enum import IntEnum
-from typing import Mapping
+
+# The reply's metric keys: clients write them, the server reads them, only through these names.
+NUM_EXAMPLES = "num-examples"
+EPSILON = "epsilon"
+DELTA = "delta"
+NOISE_MULTIPLIER = "noise-multiplier"
+SAMPLE_RATE = "sample-rate"
+STEPS = "steps"
+STEPS_TOTAL = "steps-total"
+REPLAYED = "replayed"
+PARTITION_ID = "partition-id"
 
 # metric key -> why sending it reveals nothing about any record beyond the DP release.
 METRICS: dict[str, str] = {
-    "num-examples": "the institution's declared record count (node-config `records`; in simulation the "
-                    "partition size of a public data set): public metadata, never the file's count. "
-                    "It is the FedAvg weight Flower's strategies read",
-    "epsilon": "the study's epsilon from the ledger: a function of the noise multiplier, q, steps and "
-               "delta, all public or server-supplied",
-    "delta": "min(run's delta or 1/(10 records), node `max-delta`): public",
-    "noise-multiplier": "calibrated from the budgets, q, steps and delta (public), or the run's own value",
-    "sample-rate": "q = batch size / declared records: public",
-    "steps": "round(epochs / q): public",
-    "steps-total": "the study's steps so far: a function of the public plan and of the server's requests",
-    "replayed": "1 when the kept release is sent again for a repeated request: depends only on what "
-                "the server asked",
-    "partition-id": "simulation only: the public slot of a simulated client",
+    NUM_EXAMPLES: "the institution's declared record count (node-config `records`; in simulation the "
+                  "partition size of a public data set): public metadata, never the file's count. "
+                  "It is the FedAvg weight Flower's strategies read",
+    EPSILON: "the study's epsilon from the ledger: a function of the noise multiplier, q, steps and "
+             "delta, all public or server-supplied",
+    DELTA: "min(run's delta or 1/(10 records), node `max-delta`): public",
+    NOISE_MULTIPLIER: "calibrated from the budgets, q, steps and delta (public), or the run's own value",
+    SAMPLE_RATE: "q = batch size / declared records: public",
+    STEPS: "round(epochs / q): public",
+    STEPS_TOTAL: "the study's steps so far: a function of the public plan and of the server's requests",
+    REPLAYED: "1 when the kept release is sent again for a repeated request: depends only on what "
+              "the server asked",
+    PARTITION_ID: "simulation only: the public slot of a simulated client",
 }
 
 

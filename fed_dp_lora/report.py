@@ -6,19 +6,20 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fed_dp_lora.files import write_atomic
 from fed_dp_lora.privacy.accountant import ACCOUNTANT_NAMES
+from fed_dp_lora.privacy.user_level import USER_PRIVACY_UNIT
+from fed_dp_lora.reply import DELTA, EPSILON, NOISE_MULTIPLIER, SAMPLE_RATE, STEPS_TOTAL
+
+if TYPE_CHECKING:  # the report records what the strategies return; it never imports them at run time
+    from fed_dp_lora.strategies.outcome import RoundOutcome
 
 PRIVACY_UNIT = "record: one row (one sequence) of one client's data; epsilon is per client"
 RELATION = ("add/remove one record of one institution (its record count is private: sampling rate, steps, "
             "delta and aggregation weights come from the count it declares publicly, node-config `records`)")
 REPLY = "only the keys of fed_dp_lora/reply.py: the adapter, public or accounted metrics, fixed error texts"
-USER_PRIVACY_UNIT = (
-    "client: one institution's whole contribution (all its records, every round); neighbouring "
-    "runs differ by one client's update being replaced by none"
-)
 
 SECRET_NOISE = "a secret key per client and run (never sent): nobody else can reproduce the noise"
 SEEDED_NOISE = ("derived from the run's `seed` (privacy.seeded_noise=true): reproducible, so the guarantee "
@@ -57,6 +58,21 @@ class RunReport:
         self.run = dict(state["run"])
         self.started = time.time() - float(state["elapsed"])  # `seconds` counts running time only
 
+    def record_round(self, outcome: RoundOutcome) -> None:
+        """Everything an aggregator returned about one round (strategies/outcome.py)."""
+        self.record_train(outcome.server_round, outcome.clients, outcome.failures, outcome.bytes_up,
+                          outcome.bytes_down)
+        if outcome.strategy:
+            self.record_strategy(outcome.server_round, outcome.strategy)
+        if outcome.timing:
+            self.record_timing(outcome.server_round, outcome.timing)
+        if outcome.nodes is not None:
+            self.run["nodes"] = outcome.nodes
+        if outcome.user_level is not None:
+            self.user_level = outcome.user_level
+        if outcome.stop_reason is not None:
+            self.run["stopped"] = outcome.stop_reason
+
     def record_train(
         self,
         server_round: int,
@@ -75,7 +91,7 @@ class RunReport:
                 "clients": clients,
                 "failures": failures,
                 "bytes": {"up": bytes_up, "down": bytes_down},
-                "epsilon": {n: _finite(m["epsilon"]) for n, m in clients.items() if "epsilon" in m},
+                "epsilon": {n: _finite(m[EPSILON]) for n, m in clients.items() if EPSILON in m},
             }
         )
 
@@ -101,7 +117,7 @@ class RunReport:
         entry = next(r for r in self.rounds if r["round"] == server_round)
         shown = ("balanced_accuracy", "accuracy", "macro_f1", "auc", "loss", "perplexity")
         metrics = " ".join(f"{k}={entry['metrics'][k]:.4f}" for k in shown if k in entry.get("metrics", {}))
-        eps = [m["epsilon"] for m in self.clients.values() if "epsilon" in m]
+        eps = [m[EPSILON] for m in self.clients.values() if EPSILON in m]
         eps_text = f"max client epsilon={max(eps):.3f}" if eps else "privacy off"
         if self.user_level is not None:
             user = self.user_level["epsilon"]
@@ -115,8 +131,8 @@ class RunReport:
 
     def claim(self) -> tuple[float | None, float]:
         """(largest client epsilon, largest client delta) as claimed; (None, 0) with privacy off."""
-        eps = [m["epsilon"] for m in self.clients.values() if "epsilon" in m]
-        deltas = [m["delta"] for m in self.clients.values() if "delta" in m]
+        eps = [m[EPSILON] for m in self.clients.values() if EPSILON in m]
+        deltas = [m[DELTA] for m in self.clients.values() if DELTA in m]
         if not self.config["privacy"]["enabled"] or not eps:
             return None, 0.0
         return max(eps), max(deltas)
@@ -139,11 +155,11 @@ class RunReport:
                 "client_replies": REPLY,
                 "accountant": ACCOUNTANT_NAMES[privacy["accountant"]],
                 "budget": privacy["epsilon"],
-                "delta": per_client("delta"),
-                "epsilon": {n: _finite(e) for n, e in per_client("epsilon").items()},
-                "noise_multiplier": per_client("noise-multiplier"),
-                "sample_rate": per_client("sample-rate"),
-                "steps": per_client("steps-total"),
+                "delta": per_client(DELTA),
+                "epsilon": {n: _finite(e) for n, e in per_client(EPSILON).items()},
+                "noise_multiplier": per_client(NOISE_MULTIPLIER),
+                "sample_rate": per_client(SAMPLE_RATE),
+                "steps": per_client(STEPS_TOTAL),
                 "clip_norm": privacy["clip_norm"],
                 "noise_source": SEEDED_NOISE if privacy.get("seeded_noise") else SECRET_NOISE,
                 "user_level": self.user_level or {"enabled": False, "unit": USER_PRIVACY_UNIT},

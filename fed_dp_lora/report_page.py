@@ -21,6 +21,8 @@ from matplotlib.axes import Axes  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
+from fed_dp_lora.files import write_atomic  # noqa: E402
+
 SHOWN_METRICS = ("balanced_accuracy", "accuracy", "macro_f1", "auc", "loss", "perplexity")
 
 
@@ -39,7 +41,7 @@ def _round_axis(ax: Axes) -> None:
 
 def _save(fig: Figure, path: Path) -> None:
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    write_atomic(path, lambda handle: fig.savefig(handle, format="png", dpi=100))
     plt.close(fig)
 
 
@@ -51,7 +53,7 @@ def metrics_figure(summary: dict[str, Any]) -> Figure:
     for key in SHOWN_METRICS:
         points = [(r["round"], r["metrics"][key]) for r in done if key in r["metrics"]]
         if points:
-            (line,) = ax.plot(*zip(*points), marker="o", label=key)
+            (line,) = ax.plot(*zip(*points, strict=True), marker="o", label=key)
             if key in baseline:
                 ax.axhline(baseline[key], color=line.get_color(), linestyle="--", linewidth=1)
     if baseline:
@@ -69,7 +71,7 @@ def epsilon_figure(summary: dict[str, Any]) -> Figure:
     clients = sorted({c for r in rounds for c in r.get("epsilon", {})})
     for client in clients:
         points = [(r["round"], float(r["epsilon"][client])) for r in rounds if client in r.get("epsilon", {})]
-        ax.plot(*zip(*points), marker="o", label=client)
+        ax.plot(*zip(*points, strict=True), marker="o", label=client)
     _round_axis(ax)
     ax.set_ylabel("epsilon (record level)")
     ax.set_title("Each client's epsilon after the round")
@@ -172,7 +174,7 @@ def write_report(summary: dict[str, Any], out_dir: Path) -> tuple[Path, Path]:
         md += ["| " + " | ".join(row) + " |" for row in rows] + [""]
     md += ["## Plots", ""] + [f"![{p.stem}]({p.name})" for p in images] + [""]
     md_path = out_dir / "report.md"
-    md_path.write_text("\n".join(md))
+    write_atomic(md_path, "\n".join(md).encode())
 
     body = ["<h1>fed-dp-lora run report</h1>", "<ul>"]
     body += [f"<li>{html.escape(line)}</li>" for line in headline(summary)] + ["</ul>"]
@@ -188,8 +190,8 @@ def write_report(summary: dict[str, Any], out_dir: Path) -> tuple[Path, Path]:
     style = ("body{font-family:sans-serif;max-width:960px;margin:2em auto}"
              "table{border-collapse:collapse;margin-bottom:1em}td,th{border:1px solid #bbb;padding:3px 8px}")
     html_path = out_dir / "report.html"
-    html_path.write_text(f"<!doctype html><html><head><meta charset='utf-8'><title>fed-dp-lora run report"
-                         f"</title><style>{style}</style></head><body>{''.join(body)}</body></html>")
+    write_atomic(html_path, (f"<!doctype html><html><head><meta charset='utf-8'><title>fed-dp-lora run report"
+                             f"</title><style>{style}</style></head><body>{''.join(body)}</body></html>").encode())
     return md_path, html_path
 
 

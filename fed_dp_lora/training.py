@@ -8,7 +8,6 @@ by the number of tokens in the batch, so clipping never bites).
 from __future__ import annotations
 
 import contextlib
-
 import math
 import secrets
 from dataclasses import dataclass
@@ -107,7 +106,7 @@ def encode(table: pd.DataFrame, tokenizer: PreTrainedTokenizerBase, cfg: DictCon
         )
         labels = torch.tensor(table["label"].to_numpy(), dtype=torch.long)
         return Encoded(enc["input_ids"], enc["attention_mask"], labels, int(tokenizer.pad_token_id))
-    rows = [_prompt_response_ids(p, r, tokenizer) for p, r in zip(table["prompt"], table["response"])]
+    rows = [_prompt_response_ids(p, r, tokenizer) for p, r in zip(table["prompt"], table["response"], strict=True)]
     ids = torch.full((len(rows), max_length), tokenizer.pad_token_id, dtype=torch.long)
     mask = torch.zeros((len(rows), max_length), dtype=torch.long)
     labels = torch.full((len(rows), max_length), IGNORE, dtype=torch.long)
@@ -222,19 +221,8 @@ def train_local(
     for _ in range(steps):
         index = (torch.rand(slots, generator=generator) < sample_rate).nonzero().squeeze(1)
         optimizer.zero_grad(set_to_none=True)
-        records = 0
-        # A logical (Poisson) batch larger than fits at once runs in micro-batches; the engine
-        # clips per record and adds noise once per logical step, so nothing else changes.
-        for chunk in index.split(max(micro, 1)) if len(index) > 0 else ():
-            batch, real = data.slots(chunk, device)
-            with compute_precision(device):
-                losses = per_sample_losses(model, batch, None)
-            weights = real.to(device).float()
-            if record_weights is not None:
-                weights = weights * record_weights[batch["labels"]]
-            engine.backward(losses, weights)
-            records += int(real.sum())
-            loss_sum += float(losses.detach()[real.to(device)].sum())
+        records, step_loss = _backward_batch(engine, data, index, micro, record_weights)
+        loss_sum += step_loss
         stats.empty_batches += int(records == 0)  # the engine then takes a noise-only step
         if engine.finalize(records):
             optimizer.step()
@@ -242,6 +230,29 @@ def train_local(
         stats.rows += len(index)
     stats.mean_loss = loss_sum / max(stats.examples, 1)
     return stats
+
+
+def _backward_batch(
+    engine: GradientEngine, data: Encoded, index: torch.Tensor, micro: int, record_weights: torch.Tensor | None
+) -> tuple[int, float]:
+    """Backward over one logical (Poisson) batch: (records in it, their summed loss).
+
+    A batch larger than fits at once runs in micro-batches; the engine clips per record and adds
+    noise once per logical step (in finalize), so nothing else changes.
+    """
+    device = engine.params[0].device
+    records, loss_sum = 0, 0.0
+    for chunk in index.split(max(micro, 1)) if len(index) > 0 else ():
+        batch, real = data.slots(chunk, device)
+        with compute_precision(device):
+            losses = per_sample_losses(engine.module, batch, None)
+        weights = real.to(device).float()
+        if record_weights is not None:
+            weights = weights * record_weights[batch["labels"]]
+        engine.backward(losses, weights)
+        records += int(real.sum())
+        loss_sum += float(losses.detach()[real.to(device)].sum())
+    return records, loss_sum
 
 
 def by_length(data: Encoded) -> torch.Tensor:

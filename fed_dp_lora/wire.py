@@ -6,9 +6,17 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord, RecordDict
 from flwr.common import Code, FitRes, Scalar, Status, ndarrays_to_parameters, parameters_to_ndarrays
-from flwr.compat.common import recorddict_compat as compat
 
+from fed_dp_lora.flower_internals import recorddict_compat as compat
 from fed_dp_lora.privacy.user_level import clip_update
+
+
+def scalar(value: object) -> float:
+    """A numeric metric or config value (Flower's record values may also be lists or text)."""
+    if isinstance(value, (bool, int, float)):
+        return float(value)
+    raise TypeError(f"expected a number, got {type(value).__name__}")
+
 
 def payload_bytes(arrays: ArrayRecord) -> int:
     """Bytes of the serialized tensors in one ArrayRecord."""
@@ -63,7 +71,7 @@ def encode_int8_update(global_state: dict[str, torch.Tensor], local_state: dict[
 
 def decode_int8_update(arrays: ArrayRecord, reference: ArrayRecord) -> ArrayRecord | str:
     """The adapter the client sent (reference + dequantized update), or why it cannot be read."""
-    expected = set(reference.keys()) | {k + SCALE_SUFFIX for k in reference.keys()}
+    expected = set(reference.keys()) | {k + SCALE_SUFFIX for k in reference}
     if set(arrays.keys()) != expected:
         return "int8 upload: wrong tensors"
     decoded = {}
@@ -97,7 +105,7 @@ def secagg_fitins(
     arrays = parameters_to_ndarrays(fitins.parameters)
     if len(arrays) != len(keys):
         raise ValueError(f"SecAgg+ instructions carry {len(arrays)} tensors for {len(keys)} names")
-    return {k: torch.from_numpy(a.copy()) for k, a in zip(keys, arrays)}, dict(fitins.config)
+    return {k: torch.from_numpy(a.copy()) for k, a in zip(keys, arrays, strict=True)}, dict(fitins.config)
 
 
 # Flower's SecAggPlusWorkflow default: each coordinate is stochastically rounded to one of this

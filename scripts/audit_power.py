@@ -1,14 +1,15 @@
-"""The privacy audits' power, measured: the tables in the README's "Privacy audit" section.
+"""The privacy audits' power, measured: the tables in docs/results.md, "Privacy audit".
 
 Input canaries (fed_dp_lora/experiments/audit_power.py `audited_run`: one client, 200
 canaries) and the release audit (`release_audit_run`: two clients in one in-process
 federation, client 0 audited with 1000 Dirac gradient canaries), each without DP and at
-several epsilons. Prints Markdown tables; with --readme rewrites the README sections between
+several epsilons. Prints Markdown tables; with --doc rewrites the sections of that page between
 the `audit` and `audit-release` markers, and with --results writes every release-audit record
 (per round too) as JSON.
 
-    .venv/bin/python scripts/audit_power.py --readme README.md --results results/audit/release.json
+    .venv/bin/python scripts/audit_power.py --doc docs/results.md --results results/audit/release.json
     .venv/bin/python scripts/audit_power.py --audits release ...   (one table only)
+    .venv/bin/python scripts/audit_power.py --table-from results/audit/release.json --doc docs/results.md
 """
 
 from __future__ import annotations
@@ -27,8 +28,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
 
-COMMANDS = {"inputs": "--audits inputs --readme README.md",
-            "release": "--audits release --readme README.md --results results/audit/release.json"}
+COMMANDS = {"inputs": "--audits inputs --doc docs/results.md",
+            "release": "--audits release --doc docs/results.md --results results/audit/release.json"}
 # Release-audit rows beyond the epsilons: the default optimizer without DP, where Adam hides
 # canaries, and a planted bug (no noise, epsilon 2 still claimed) that the audit must catch.
 ADAM = ("privacy=none train.optimizer=adam train.lr=0.003", "off", "adam")
@@ -56,22 +57,31 @@ def input_audit_table(epsilons: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+RELEASE_HEADER = ["| privacy | optimizer | claimed ε (δ) | correct / guesses (round 1, 2) | ε lower bound (95%) "
+                  "| ceiling |", "|---|---|---|---|---|---|"]
+
+
+def release_row(record: dict) -> str:
+    """One row of the release-audit table from its record, as --results saves it."""
+    claimed = "-" if record["claimed_epsilon"] is None else f"{record['claimed_epsilon']:.3f} ({record['delta']:g})"
+    per_round = ", ".join(str(e["correct"]) for e in record["rounds"])
+    privacy = LEAK[1] if record["planted_leak"] else "off" if record["claimed_epsilon"] is None else "DP-SGD"
+    optimizer = record["settings"].rsplit("train.optimizer=", 1)[1].split()[0]
+    return (f"| {privacy} | {optimizer} | {claimed} | {record['correct']} / {record['guesses']} ({per_round}) | "
+            f"{record['epsilon_lower']:.3f} | {record['ceiling']:.3f} |")
+
+
 def release_audit_table(epsilons: list[str], records: list[dict]) -> str:
     from fed_dp_lora.experiments.audit_power import RELEASE_SETTINGS, planted_leak, release_audit_run
 
     runs = [("privacy=none" if e == "off" else f"privacy.epsilon={e}", e, "sgd") for e in epsilons]
-    lines = ["| privacy | optimizer | claimed ε (δ) | correct / guesses (round 1, 2) | ε lower bound (95%) "
-             "| ceiling |", "|---|---|---|---|---|---|"]
+    lines = list(RELEASE_HEADER)
     for overrides, eps, optimizer in [*runs, ADAM, LEAK]:
         started, leak = time.time(), (overrides, eps, optimizer) == LEAK
         with tempfile.TemporaryDirectory() as out, planted_leak() if leak else contextlib.nullcontext():
             r = release_audit_run(overrides, Path(out))
         records.append({"settings": f"{RELEASE_SETTINGS} {overrides}", "planted_leak": leak, **r})
-        claimed = "-" if r["claimed_epsilon"] is None else f"{r['claimed_epsilon']:.3f} ({r['delta']:g})"
-        per_round = ", ".join(str(e["correct"]) for e in r["rounds"])
-        privacy = eps if eps in ("off", LEAK[1]) else "DP-SGD"
-        lines.append(f"| {privacy} | {optimizer} | {claimed} | {r['correct']} / "
-                     f"{r['guesses']} ({per_round}) | {r['epsilon_lower']:.3f} | {r['ceiling']:.3f} |")
+        lines.append(release_row(records[-1]))
         print(lines[-1], f"({time.time() - started:.0f}s)", flush=True)
     return "\n".join(lines) + "\n"
 
@@ -82,27 +92,37 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--epsilons", nargs="+", default=["off", "8", "2", "1"])
     parser.add_argument("--audits", nargs="+", choices=("inputs", "release"), default=["inputs", "release"])
-    parser.add_argument("--readme", type=Path, default=None)
+    parser.add_argument("--doc", "--readme", dest="doc", type=Path, default=None,
+                        help="rewrite the audit sections of this page (docs/results.md)")
     parser.add_argument("--results", type=Path, default=None, help="JSON file for the release-audit records")
+    parser.add_argument("--table-from", type=Path, default=None,
+                        help="only render the release-audit table from saved records (a --results file)")
     args = parser.parse_args()
+    if args.table_from is not None:
+        records = json.loads(args.table_from.read_text())
+        table = "\n".join([*RELEASE_HEADER, *map(release_row, records)]) + "\n"
+        print(table)
+        if args.doc is not None:
+            write_section(args.doc, "audit-release", _note("release") + table)
+        return
     logging.disable(logging.INFO)
     import torch
 
     torch.set_num_threads(1)  # a shared 2-core machine; small matrices gain nothing from a second thread
     if "inputs" in args.audits:
         table = input_audit_table(args.epsilons)
-        if args.readme is not None:
-            write_section(args.readme, "audit", _note("inputs") + table)
+        if args.doc is not None:
+            write_section(args.doc, "audit", _note("inputs") + table)
     if "release" in args.audits:
         records: list[dict] = []
         table = release_audit_table(args.epsilons, records)
-        if args.readme is not None:
-            write_section(args.readme, "audit-release", _note("release") + table)
+        if args.doc is not None:
+            write_section(args.doc, "audit-release", _note("release") + table)
         if args.results is not None:
             args.results.parent.mkdir(parents=True, exist_ok=True)
             args.results.write_text(json.dumps(records, indent=2) + "\n")
-    if args.readme is not None:
-        print(f"README sections rewritten: {args.readme}")
+    if args.doc is not None:
+        print(f"audit sections rewritten: {args.doc}")
 
 
 if __name__ == "__main__":

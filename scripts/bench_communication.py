@@ -27,7 +27,7 @@ from fed_dp_lora.client_data import cached_model  # noqa: E402
 from fed_dp_lora.models import trainable_state  # noqa: E402
 from fed_dp_lora.wire import encode_int8_update, payload_bytes  # noqa: E402
 
-# The sweep's small cells (README "Results"), 3 clients, DP at epsilon 8.
+# The sweep's small cells (docs/results.md, the sweep), 3 clients, DP at epsilon 8.
 TRAIN = ("model.keep_layers=1 model.pooling=mean train.max_length=32 rounds=3 train.epochs=0.34 "
          "train.lr=0.01 privacy.seeded_noise=true strategy.min_available_clients=1 strategy.min_train_clients=1")
 

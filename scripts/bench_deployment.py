@@ -3,9 +3,10 @@
     .venv/bin/python scripts/bench_deployment.py OUT_DIR [--institutions 3] [--rounds 2]
         [--overrides "HYDRA OVERRIDES"] [--modes cold,warm]
 
-Per mode, the deployment the README walks through, on loopback: scripts/deploy/*.sh (through the
-helpers of tests/e2e/deployment.py) start a SuperLink with TLS and SuperNode authentication and one
-registered SuperNode per institution file, then `flwr run` writes OUT_DIR/<mode>/summary.json.
+Per mode, the deployment docs/deployment.md walks through, on loopback: scripts/deploy/*.sh
+(through the helpers of tests/e2e/deployment.py) start a SuperLink with TLS and SuperNode
+authentication and one registered SuperNode per institution file, then `flwr run` writes
+OUT_DIR/<mode>/summary.json.
 "cold" is Flower's own executor (`supernode.sh --cold-start`: a new Python process per message
 that imports everything again), "warm" is fed-dp-lora-launcher (a fork of a process that already
 imported them, after the app check). Each institution's state dir is OUT_DIR/<mode>/state-<i>.

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Take every row of the README's DP-step table in one go, then regenerate the README section.
+# Take every row of the DP-step table in one go, then regenerate the section of docs/performance.md.
 # One row at a time, on an otherwise idle machine: the variants of a row are interleaved step
 # by step, but a second heavy job on these 2 cores still skews a row's ratios by several percent.
 # About 30 minutes on 2 CPU cores. Needs the bench extra: pip install ".[bench]" (dp-lora).
@@ -24,5 +24,5 @@ row bnb-4bit --quantization 4 --batch 16
 row bnb-8bit --quantization 8 --batch 16
 row smollm2-no-head --overrides "model=smollm2" --keep-layers 4 --batch 8
 row smollm2-ffa-no-head --lora ffa --overrides "model=smollm2" --keep-layers 4 --batch 8
-"$PY" scripts/readme_performance.py "$OUT" --readme README.md > /dev/null
-echo "README performance section regenerated from $OUT"
+"$PY" scripts/readme_performance.py "$OUT" --doc docs/performance.md > /dev/null
+echo "docs/performance.md performance section regenerated from $OUT"

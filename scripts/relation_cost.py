@@ -98,12 +98,13 @@ def run_cell(out: Path, design: str, sigma: float, seed: int) -> dict:
 
 def table(plan: dict[str, float], sigmas: dict[str, float], cells: list[dict]) -> str:
     rows = [f"Default task ({CLIENTS} clients, epsilon {plan['epsilon']:g}, delta 1/(10 n), q = {plan['q']:.4f}, "
-            f"{int(plan['steps'])} steps); mean ± sd over seeds {sorted({c['seed'] for c in cells})}:", "",
+            f"{int(plan['steps'])} steps); seeds {sorted({c['seed'] for c in cells})} (mean ± sd when more than one):", "",
             "| design | noise multiplier for the same epsilon | balanced accuracy | AUC |", "|---|---|---|---|"]
     for design, label in DESIGNS.items():
         mine = [c for c in cells if c["design"] == design]
-        stat = lambda key: (f"{statistics.mean(c[key] for c in mine):.3f} ± "  # noqa: E731
-                            f"{statistics.pstdev(c[key] for c in mine):.3f}") if mine else "not run"
+        stat = lambda key: ("not run" if not mine else f"{mine[0][key]:.3f}" if len(mine) == 1  # noqa: E731
+                            else f"{statistics.mean(c[key] for c in mine):.3f} ± "
+                                 f"{statistics.pstdev(c[key] for c in mine):.3f}")
         rows.append(f"| {label} | {sigmas[design]:.3f} | {stat('balanced_accuracy')} | {stat('auc')} |")
     return "\n".join(rows) + "\n"
 

@@ -16,3 +16,9 @@ if ! command -v chromedriver >/dev/null && command -v apt-get >/dev/null && [ "$
   { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver; } >/dev/null \
     || echo "warning: could not install chromium; tests/test_dashboard.py will skip its browser test" >&2
 fi
+# Podman, buildah and podman-compose, for the container images' end-to-end test
+# (tests/e2e/test_containers.py); idempotent, only where apt-get runs as root.
+if ! command -v podman-compose >/dev/null && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+  bash scripts/containers/setup-podman.sh >/dev/null 2>&1 \
+    || echo "warning: could not install Podman; tests/e2e/test_containers.py will skip" >&2
+fi

@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import pandas as pd
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from omegaconf import DictConfig
 
 from fed_dp_lora.client_app import LEDGER_KEY
-from fed_dp_lora.client_data import cached_model
+from fed_dp_lora.client_data import model_spec
 from fed_dp_lora.config import load_config
 from fed_dp_lora.data.sources import CREDIT_LABELS, credit_table
-from fed_dp_lora.models import trainable_state
+from fed_dp_lora.models import ModelSpec, build, trainable_state
 from fed_dp_lora.reply import METRICS, NODE_FIELDS, NODE_RECORD
 
 FAST = "+preset=tiny train.batch_size=16 train.epochs=0.001"
@@ -30,9 +32,21 @@ def make_context(overrides: str, node_config: dict | None = None, node_id: int =
                    state=RecordDict(), run_config=run_config(overrides))
 
 
+@functools.lru_cache(maxsize=8)
+def _built_state(spec: ModelSpec) -> dict[str, torch.Tensor]:
+    return trainable_state(build(spec))
+
+
+def initial_adapter(cfg: DictConfig) -> dict[str, torch.Tensor]:
+    """The trainable tensors of a freshly built model for cfg: a valid global adapter that no
+    earlier test trained (the process-wide cached model is the clients' working copy, shared
+    by every configuration that builds the same model)."""
+    return {name: tensor.clone() for name, tensor in _built_state(model_spec(cfg)).items()}
+
+
 def global_adapter(overrides: str) -> dict[str, torch.Tensor]:
-    """A valid global adapter for this config (the process-wide model's trainable tensors)."""
-    return trainable_state(cached_model(load_config(run_config(overrides))))
+    """A valid global adapter for this config (see initial_adapter)."""
+    return initial_adapter(load_config(run_config(overrides)))
 
 
 def train_message(state: dict[str, torch.Tensor], server_round: int, node_id: int = 11,

@@ -2,18 +2,25 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from flwr.app import Context, RecordDict
+from flwr.common import FitIns, ndarrays_to_parameters, parameters_to_ndarrays
 
-from fed_dp_lora.attacks import attack, is_malicious, malicious_partitions
+from fed_dp_lora.attacks import _attacked_fitres, attack, is_malicious, malicious_partitions
 from fed_dp_lora.client_app import app as client_app
 from fed_dp_lora.config import load_config, to_plain
 from fed_dp_lora.experiments.inprocess import InProcessGrid
-from fed_dp_lora.client_data import cached_model
-from fed_dp_lora.models import trainable_state
+from fed_dp_lora.flower_internals import recorddict_compat
+from fed_dp_lora.node_policy import is_simulated
 from fed_dp_lora.report import RunReport
 from fed_dp_lora.strategies import build_strategy
+from fed_dp_lora.wire import SECAGG_KEYS, secagg_fitres
+from tests.client_helpers import initial_adapter
 from tests.strategies.helpers import run_strategy
 
 GLOBAL = {"a": torch.tensor([[1.0, 2.0]]), "b": torch.tensor([0.5, 0.5, 0.5])}
@@ -66,7 +73,31 @@ def test_real_attacking_client_is_rejected_by_the_server(tmp_path, tiny_models, 
     }
     grid = InProcessGrid({n: (lambda msg, c=c: client_app(msg, c)) for n, c in contexts.items()})
     report = RunReport(tmp_path, to_plain(cfg))
-    run_strategy(build_strategy(cfg, report), grid, trainable_state(cached_model(cfg)))
+    run_strategy(build_strategy(cfg), grid, initial_adapter(cfg), report)
     entry = report.rounds[0]
     assert set(entry["clients"]) == {"client-1"}
     assert list(entry["failures"]) == ["client-0"] and reason in entry["failures"]["client-0"]
+
+
+def test_a_deployed_node_never_loads_the_attack_code():
+    """The ClientApp imports attacks.py only for a simulated client (no data file of its own)."""
+    code = ("import sys; import fed_dp_lora.client_app; "
+            "assert 'fed_dp_lora.attacks' not in sys.modules, 'client_app imported the attack code'")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0, done.stderr
+    assert is_simulated({"partition-id": 0, "num-partitions": 2})
+    assert not is_simulated({"data-path": "/x.csv", "partition-id": 0, "num-partitions": 2})
+
+
+def test_under_secagg_the_attack_replaces_the_update_before_masking():
+    """A SecAgg+ reply carries the update (local - global): sign-flip sends -scale times it."""
+    keys = list(GLOBAL)
+    fitins = FitIns(ndarrays_to_parameters([GLOBAL[k].numpy() for k in keys]), {SECAGG_KEYS: "\n".join(keys)})
+    request = recorddict_compat.fitins_to_recorddict(fitins, keep_input=True)
+    honest = secagg_fitres(GLOBAL, LOCAL, {SECAGG_KEYS: "\n".join(keys)}, 10, {"num-examples": 10.0})
+    attacked = recorddict_compat.recorddict_to_fitres(_attacked_fitres(request, honest, "sign-flip", 3.0),
+                                                      keep_input=True)
+    for k, sent in zip(keys, parameters_to_ndarrays(attacked.parameters), strict=True):
+        assert torch.allclose(torch.from_numpy(sent), -3.0 * (LOCAL[k] - GLOBAL[k]))
+    assert attacked.num_examples == 10

@@ -14,7 +14,7 @@ import opacus  # before our modules, as any caller may import it
 import fed_dp_lora.models
 from flwr.common.logger import log
 log(logging.INFO, "one flower line")
-logging.getLogger("fed_dp_lora.local_round").warning("a warning to act on")
+logging.getLogger("fed_dp_lora.client_round").warning("a warning to act on")
 """
 
 

@@ -60,7 +60,7 @@ def test_the_server_aggregates_int8_uploads_and_counts_the_bytes_sent(tmp_path, 
 
     good = encode_int8_update(GLOBAL, local)
     grid = InProcessGrid({1: client(good), 2: client(ArrayRecord(bad))})
-    result = run_strategy(build_strategy(cfg, report), grid, GLOBAL).arrays.to_torch_state_dict()
+    result = run_strategy(build_strategy(cfg), grid, GLOBAL, report).arrays.to_torch_state_dict()
     for key in GLOBAL:
         torch.testing.assert_close(result[key], local[key], atol=float(good[key + SCALE_SUFFIX].numpy()[0]), rtol=0)
     entry = report.rounds[0]

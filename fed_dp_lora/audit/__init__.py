@@ -1,9 +1,13 @@
-"""Empirical privacy audits of what the server sees (issue 12).
+"""Empirical privacy audits of what the server sees (issue 12), all in this package:
 
-`audit.release`: a one-run audit of ONE client's per-round releases, the adapters it sends,
-read by the server before aggregation, as the adversary in our threat model reads them.
-The input-canary audit (fed_dp_lora/canary_audit.py) sees only the final global adapter,
-averaged over every client: it cannot see a leak in what one client sends in one round.
+- bounds.py: the one-run lower bound on epsilon (Steinke, Nasr and Jagielski) both audits use;
+- canary.py: the input-canary audit of the final global adapter (`audit.enabled`), averaged
+  over every client: it cannot see a leak in what one client sends in one round;
+- release.py and dirac.py: the audit of ONE client's per-round releases, the adapters it sends,
+  read by the server before aggregation as the adversary in our threat model reads them
+  (`audit.release.enabled`).
+Outside it, by what they are: the canary records a client trains on (data/canaries.py) and the
+experiment that measures the audits' power (experiments/audit_power.py).
 
 Design: Steinke, Nasr and Jagielski (NeurIPS 2023), "Privacy Auditing with One (1) Training
 Run", in its white-box setting with Dirac gradient canaries (dirac.py, release.py). Chosen
@@ -13,7 +17,7 @@ privacy estimation for federated learning") because:
   canary CLIENTS and estimate the user-level epsilon of the server's aggregate; here a
   canary must be one more record, Poisson-sampled with rate q, so the test covers the
   subsampling, the noise and the accountant that the client claims;
-- Steinke et al. give a lower bound at a stated confidence (privacy/audit.py, tested);
+- Steinke et al. give a lower bound at a stated confidence (bounds.py, tested);
   Andrew et al. give an estimate from a fitted Gaussian, which cannot prove a bug;
 - a Dirac canary (norm exactly C on one coordinate) is the largest record the clip allows,
   and no two canaries share a coordinate, so no score carries another canary's signal. Random

@@ -9,7 +9,7 @@ uploads already decoded) scores canary j after each round by
 
 how far the client's DP-SGD moved the canary's coordinate in the canary's direction of descent.
 That uses only what the server saw, never the coins. It guesses "in" for the `guesses`/2
-highest scores, "out" for the lowest, and bounds epsilon with privacy/audit.py against the
+highest scores, "out" for the lowest, and bounds epsilon with audit/bounds.py against the
 client's claimed (epsilon, delta) from its reply (its ledger). Each round's bound holds at the
 confidence on its own; the last one, over every release, is the audit's result.
 
@@ -20,7 +20,8 @@ from the client's own batches, not from what all clients share.
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -28,9 +29,11 @@ from flwr.app import ArrayRecord, MetricRecord
 from omegaconf import DictConfig
 from torch import nn
 
+from fed_dp_lora.audit.bounds import epsilon_lower_bound, guesses
 from fed_dp_lora.audit.dirac import DiracCanaries, StepCanaries, canary_generator
 from fed_dp_lora.config import ConfigError
-from fed_dp_lora.privacy.audit import epsilon_lower_bound, guesses
+from fed_dp_lora.reply import DELTA, EPSILON, PARTITION_ID
+from fed_dp_lora.wire import scalar
 
 METHOD = ("Steinke, Nasr, Jagielski 2023, one training run, white-box: Dirac gradient canaries "
           "Poisson-sampled into one client's DP steps")
@@ -67,12 +70,12 @@ class ReleaseAudit:
     def observe(self, server_round: int, metrics: MetricRecord, release: ArrayRecord,
                 reference: ArrayRecord) -> None:
         """Score one accepted update (as decoded by the strategy); others' updates are ignored."""
-        if "partition-id" not in metrics or int(metrics["partition-id"]) != self.client:
+        if PARTITION_ID not in metrics or int(scalar(metrics[PARTITION_ID])) != self.client:
             return
         before, after = self._read(reference), self._read(release)
         self.scores += self.canaries.sign * (before - after)
-        claimed = float(metrics["epsilon"]) if "epsilon" in metrics else None
-        delta = float(metrics["delta"]) if "delta" in metrics else 0.0
+        claimed = scalar(metrics[EPSILON]) if EPSILON in metrics else None
+        delta = scalar(metrics[DELTA]) if DELTA in metrics else 0.0
         made, correct = guesses(self.scores, self.canaries.included, self.guesses)
         self.rounds.append({
             "round": server_round, "claimed_epsilon": claimed, "delta": delta, "guesses": made,
@@ -87,7 +90,7 @@ class ReleaseAudit:
 
     def result(self) -> dict[str, Any]:
         """The record for summary.json's privacy.audit.release (final = the last round seen)."""
-        last = self.rounds[-1] if self.rounds else {"claimed_epsilon": None, "delta": 0.0, "guesses": 0,
+        last: dict[str, Any] = self.rounds[-1] if self.rounds else {"claimed_epsilon": None, "delta": 0.0, "guesses": 0,
                                                     "correct": 0, "epsilon_lower": 0.0}
         return {
             "client": f"client-{self.client}",

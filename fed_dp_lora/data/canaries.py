@@ -12,7 +12,7 @@ model; measured, they gave the audit little power.)
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import numpy as np
 import pandas as pd

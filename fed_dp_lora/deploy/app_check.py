@@ -25,11 +25,12 @@ import importlib.util
 import io
 import json
 import re
-import tomllib
 import zipfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+
+import tomllib
 
 MANIFEST = ".info/CONTENT"  # Flower's list of the bundle's files and hashes: derived, not compared
 PYPROJECT = "pyproject.toml"
@@ -91,7 +92,7 @@ def installed_root() -> Path:
 
 def build_reference(root: Path) -> bytes:
     """The bundle Flower's own builder makes from `root` (what `flwr run` would send from it)."""
-    from flwr.cli.build import build_fab_from_disk
+    from fed_dp_lora.flower_internals import build_fab_from_disk
 
     if not (root / PYPROJECT).is_file():
         raise AppCheckError(f"no {PYPROJECT} in {root}: install fed-dp-lora from a checkout "

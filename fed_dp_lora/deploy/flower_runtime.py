@@ -1,4 +1,4 @@
-"""Every Flower 1.41 internal the launcher touches, in one place.
+"""What the launcher changes in Flower 1.41's runtime, and why (the names come from flower_internals.py).
 
 Why we touch them: with `flower-supernode --isolation process` the SuperNode leaves ClientApp
 tasks to whatever polls its Runtime API; Flower's poller (`flower-superexec`) starts a fresh
@@ -19,9 +19,9 @@ every round, and it offers no hook to check the app bundle before the bundle's c
 
 Children run side by side, as Flower's own processes do: a task whose message never fully arrived
 (a run stopped mid-transfer) waits in Flower's object pull and must not hold up the next run. The
-privacy ledger's flock in the state dir (local_round.py) makes an institution's rounds run one
-after another, each in its own fresh process. Pinned to flwr 1.41 (pyproject.toml); re-read
-these modules on any upgrade.
+privacy ledger's flock in the state dir (privacy/ledger_store.py) makes an institution's rounds
+run one after another, each in its own fresh process. Pinned to flwr 1.41 (pyproject.toml);
+re-read these modules on any upgrade.
 """
 
 from __future__ import annotations
@@ -36,26 +36,29 @@ from collections.abc import Callable
 from functools import partial
 from logging import ERROR, INFO, WARNING
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
-import flwr.supercore.superexec.run_superexec as flower_superexec
-import flwr.supernode.runtime.run_clientapp as flower_clientapp
 from flwr.app import Context, Error, Message
 from flwr.clientapp import ClientApp
-from flwr.supercore import log
-from flwr.supercore.constant import TaskType
-from flwr.supercore.exit import exit_handler as flower_exit_handlers
-from flwr.supercore.superexec.executor import ExecutionSpec, LaunchResult
-from flwr.supercore.task_identity import TaskIdentity
-from flwr.supercore.tls import validate_and_resolve_root_certificates
+from flwr.common import log
 
 from fed_dp_lora.deploy.app_check import AppPolicy, Verdict
+from fed_dp_lora.flower_internals import (
+    ExecutionSpec,
+    LaunchResult,
+    TaskIdentity,
+    TaskType,
+    flower_clientapp,
+    flower_exit_handlers,
+    flower_superexec,
+    validate_and_resolve_root_certificates,
+)
 from fed_dp_lora.reply import REFUSAL_TEXT, Refusal
 
 # The one text the server sees for a refused bundle; the differences stay in the local log.
 APP_REFUSED = REFUSAL_TEXT[Refusal.APP]
 PACKAGE = "fed_dp_lora"
-QUICK_PULL = {"initial_backoff": 0.05, "backoff_cap": 0.5, "max_tries_per_object": 15_000}  # see 3. above
+QUICK_PULL: dict[str, Any] = {"initial_backoff": 0.05, "backoff_cap": 0.5, "max_tries_per_object": 15_000}  # see 3.
 
 
 class RefusingApp(ClientApp):
@@ -118,7 +121,7 @@ def route_app_loading(policy: AppPolicy, audit_log: Path | None) -> None:
 
         return load
 
-    flower_clientapp.install_from_fab = install_from_fab
+    flower_clientapp.install_from_fab = install_from_fab  # type: ignore[assignment]  # same call, no install
     flower_clientapp.get_load_client_app_fn = get_load_client_app_fn
 
 
@@ -177,7 +180,7 @@ class ForkExecutor:
 
     def get_eligible_capacity(self, supported_task_types: set[TaskType], *, insecure: bool = False,
                               root_certificates_path: str | None = None) -> tuple[set[TaskType], set[str]]:
-        return {TaskType.CLIENT_APP} & set(supported_task_types), set()
+        return {t for t in supported_task_types if t == TaskType.CLIENT_APP}, set()
 
     def wait_for_capacity(self, task_type: TaskType | None = None, **_: object) -> None:
         """No capacity limit, as with Flower's SubprocessExecutor."""

@@ -19,14 +19,14 @@ import json
 import re
 import subprocess
 import sys
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
-from flwr.common.config import parse_config_args
+import tomllib
 
 from fed_dp_lora.config import ConfigError, load_config
 from fed_dp_lora.data import label_names
+from fed_dp_lora.flower_internals import parse_config_args
 
 STARTED = re.compile(r"Successfully started run (\d+)")
 # The exception line that ends a traceback, e.g. "fed_dp_lora.config.ConfigError: data.labels: ...".

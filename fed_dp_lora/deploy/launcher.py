@@ -25,7 +25,7 @@ import time
 from logging import INFO, WARNING
 from pathlib import Path
 
-from flwr.supercore import log
+from flwr.common import log
 
 from fed_dp_lora.deploy.app_check import AppCheckError, AppPolicy, build_reference, installed_root
 

@@ -12,12 +12,13 @@ and ClientApps), client 0 audited with Dirac gradient canaries in its DP steps.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from omegaconf import DictConfig
 
-from fed_dp_lora.canary_audit import CanaryAudit
+from fed_dp_lora.audit.canary import CanaryAudit
 from fed_dp_lora.central import CentralEvaluator
 from fed_dp_lora.client_round import RoundRequest, train_round
 
@@ -43,9 +44,9 @@ def audited_run(cfg: DictConfig) -> dict[str, Any]:
 # Two clients of ~222 credit records, two rounds of three local epochs: each included canary is
 # sampled about six times (with four, the few never sampled look excluded and cost "out"
 # guesses). SGD: Adam rescales every coordinate by its own history, so without DP the real
-# records move an unused coordinate about as far as a canary moves its own (the README's
-# release-audit table has the Adam row). delta 1e-5 keeps the theorem's 2 m delta term small,
-# so a leak can show above the claim; privacy-off runs ignore it.
+# records move an unused coordinate about as far as a canary moves its own (the release-audit
+# table in docs/results.md has the Adam row). delta 1e-5 keeps the theorem's 2 m delta term
+# small, so a leak can show above the claim; privacy-off runs ignore it.
 RELEASE_SETTINGS = ("+preset=tiny data.test_fraction=0.9 rounds=2 train.epochs=3 train.batch_size=32 "
                     "train.optimizer=sgd train.lr=0.01 eval.interval=2 privacy.seeded_noise=true "
                     "privacy.delta=1e-5 audit.release.enabled=true audit.release.client=0")

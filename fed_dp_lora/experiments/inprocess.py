@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import copy
 import json
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 from flwr.app import Context, Message, RecordDict
 from flwr.serverapp import Grid
@@ -85,14 +86,13 @@ def run_federation(overrides: str, num_clients: int, output_dir: Path, resume: b
 
     Each call is a new run (fresh client contexts), as a restarted `flwr run` is.
     """
-    from flwr.supercore.run import Run
-    from flwr.supercore.task_identity import TaskIdentity
-
+    from fed_dp_lora.flower_internals import Run, TaskIdentity
     from fed_dp_lora.server_app import main
 
     # Messages built outside the runtime take their ids from TaskIdentity (internal API).
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
-    run_config = {"overrides": overrides, "output-dir": str(Path(output_dir).resolve()), "resume": resume}
+    run_config: dict[str, bool | float | int | str] = {
+        "overrides": overrides, "output-dir": str(Path(output_dir).resolve()), "resume": resume}
     grid = client_grid(run_config, num_clients, grid_class=grid_class)
     grid.set_run(Run.create_empty(run_id=1))  # the legacy (SecAgg+) workflow reads grid.run.run_id
     main(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config))

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from fed_dp_lora.files import write_atomic
+
 
 def write_section(readme: Path, name: str, body: str) -> None:
     """Replace the text between `<!-- name:begin -->` and `<!-- name:end -->` with body."""
@@ -13,4 +15,4 @@ def write_section(readme: Path, name: str, body: str) -> None:
         raise SystemExit(f"{readme}: no {begin} ... {end} markers to write between")
     head, rest = text.split(begin, 1)
     _, tail = rest.split(end, 1)
-    readme.write_text(f"{head}{begin}\n{body}{end}{tail}")
+    write_atomic(readme, f"{head}{begin}\n{body}{end}{tail}".encode())

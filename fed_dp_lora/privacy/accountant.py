@@ -123,7 +123,7 @@ class PrivacyLedger:
             self.history.append((float(noise_multiplier), float(sample_rate), int(steps)))
             self.rounds.append(int(server_round))
 
-    def extends(self, other: "PrivacyLedger") -> bool:
+    def extends(self, other: PrivacyLedger) -> bool:
         """True when this ledger is `other` plus later entries (same settings)."""
         n = len(other.history)
         return (self.accountant, self.delta) == (other.accountant, other.delta) and \
@@ -140,8 +140,8 @@ class PrivacyLedger:
         }
 
     @classmethod
-    def from_dict(cls, data: dict) -> "PrivacyLedger":
-        history = list(zip(map(float, data["noise"]), map(float, data["rate"]), map(int, data["steps"])))
+    def from_dict(cls, data: dict) -> PrivacyLedger:
+        history = list(zip(map(float, data["noise"]), map(float, data["rate"]), map(int, data["steps"]), strict=True))
         rounds = [int(r) for r in data.get("rounds", [0] * len(history))]
         if len(rounds) != len(history):
             raise ValueError(f"ledger has {len(history)} entries but {len(rounds)} round numbers")

@@ -36,6 +36,28 @@ class StepExtra(Protocol):
     def step_sum(self, params: list[nn.Parameter]) -> list[torch.Tensor] | None: ...
 
 
+def per_sample_path(model: nn.Module, per_sample: str) -> str:
+    """"fused" or "opacus": the path that gives every trainable tensor of `model` per-sample
+    gradients, as `per_sample` asks; CoverageError when the asked path cannot."""
+    if per_sample not in PER_SAMPLE_MODES:
+        raise ValueError(f"per_sample must be one of {PER_SAMPLE_MODES}, not {per_sample!r}")
+    uncovered = fused.uncovered_parameters(model) if per_sample != "opacus" else []
+    if per_sample == "fused" and uncovered:
+        raise CoverageError(
+            f"per_sample='fused': trainable tensors {uncovered[:3]} are not in a plain "
+            "nn.Linear, so the fused path cannot give them per-sample gradients. Fix: use "
+            "per_sample='auto' or 'opacus', or freeze them"
+        )
+    checkpointing = any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
+    if checkpointing and (per_sample == "opacus" or uncovered):
+        raise CoverageError(
+            "gradient checkpointing needs the fused per-sample path (Opacus' hooks fail on the "
+            f"recomputed forward), and {'per_sample=opacus was asked' if not uncovered else uncovered[:3]} "
+            "Fix: train.gradient_checkpointing=false, or train only Linear layers"
+        )
+    return "opacus" if per_sample == "opacus" or uncovered else "fused"
+
+
 class GradientEngine:
     """Non-private gradients: the baseline through the same training code path."""
 
@@ -46,6 +68,10 @@ class GradientEngine:
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.expected_batch_size = expected_batch_size
         self.extra = extra
+        self.sampling: torch.Generator | None = None  # the round's batch-sampling stream (client_round)
+
+    def verify_coverage(self, per_sample_losses: torch.Tensor) -> None:
+        """Nothing to verify: non-private gradients need no per-record coverage."""
 
     def backward(self, per_sample_losses: torch.Tensor, weights: torch.Tensor | None = None) -> None:
         """Backprop the (weighted) sum of per-record losses over the expected batch size.
@@ -59,7 +85,7 @@ class GradientEngine:
     def finalize(self, batch_size: int) -> bool:
         """Make p.grad ready for optimizer.step(); False means skip the step."""
         extra = self.extra.step_sum(self.params) if self.extra is not None else None
-        for p, e in zip(self.params, extra or ()):
+        for p, e in zip(self.params, extra or (), strict=extra is not None):
             e = e.div(self.expected_batch_size).view_as(p).to(p.device, p.dtype)
             p.grad = e if p.grad is None else p.grad.add_(e)
         return batch_size > 0 or extra is not None
@@ -87,31 +113,14 @@ class PrivateGradientEngine(GradientEngine):
         is not in a plain nn.Linear), "opacus" (GradSampleModule hooks), or "auto" (fused when
         it covers every trainable tensor, else Opacus)."""
         super().__init__(model, expected_batch_size, extra)
-        if per_sample not in PER_SAMPLE_MODES:
-            raise ValueError(f"per_sample must be one of {PER_SAMPLE_MODES}, not {per_sample!r}")
         self.names = {p: n for n, p in model.named_parameters() if p.requires_grad}
-        uncovered = fused.uncovered_parameters(model) if per_sample != "opacus" else []
-        if per_sample == "fused" and uncovered:
-            raise CoverageError(
-                f"per_sample='fused': trainable tensors {uncovered[:3]} are not in a plain "
-                "nn.Linear, so the fused path cannot give them per-sample gradients. Fix: use "
-                "per_sample='auto' or 'opacus', or freeze them"
-            )
+        self.per_sample = per_sample_path(model, per_sample)
         self._fused: fused.FusedHandle | None = None
-        checkpointing = any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
-        if checkpointing and (per_sample == "opacus" or uncovered):
-            raise CoverageError(
-                "gradient checkpointing needs the fused per-sample path (Opacus' hooks fail on the "
-                f"recomputed forward), and {'per_sample=opacus was asked' if not uncovered else uncovered[:3]} "
-                "Fix: train.gradient_checkpointing=false, or train only Linear layers"
-            )
-        if per_sample == "opacus" or uncovered:
-            self.per_sample = "opacus"
+        if self.per_sample == "opacus":
             # loss_reduction="sum": we backprop the sum of per-sample losses, so grad_sample[i]
             # is exactly the gradient of record i's loss.
             self.module = GradSampleModule(model, batch_first=True, loss_reduction="sum", strict=True)
         else:
-            self.per_sample = "fused"
             self._fused = fused.attach(model)  # self.module stays the model itself
         self.clip_norm = clip_norm
         self.noise_multiplier = noise_multiplier
@@ -155,7 +164,7 @@ class PrivateGradientEngine(GradientEngine):
             keep &= weights > 0
         factors = torch.where(keep, factors, torch.zeros_like(factors))
         sums = [factors @ torch.where(keep[:, None], g.float(), 0.0) for g in flat]
-        self._sums = sums if self._sums is None else [a.add_(b) for a, b in zip(self._sums, sums)]
+        self._sums = sums if self._sums is None else [a.add_(b) for a, b in zip(self._sums, sums, strict=True)]
         records = norms if weights is None else norms[weights > 0]
         self._norms.append(records.detach())
 
@@ -164,7 +173,7 @@ class PrivateGradientEngine(GradientEngine):
         from one backward of the summed losses; raises CoverageError if one is missing."""
         if self._fused is not None:
             for p in self._fused.params:  # .grad_sample accumulates: start from nothing
-                p.grad_sample = None
+                p.grad_sample = None  # type: ignore[attr-defined]  # Opacus' convention
         per_sample_losses.sum().backward()
         return self._per_sample_grads(per_sample_losses.shape[0])
 
@@ -190,7 +199,7 @@ class PrivateGradientEngine(GradientEngine):
                     "a layer type Opacus supports (Linear, Embedding, LayerNorm, Conv)"
                 )
             grads.append(gs.reshape(batch_size, -1))  # a view: grad_sample is contiguous
-            p.grad_sample = None
+            p.grad_sample = None  # type: ignore[attr-defined]
             p.grad = None
         return grads
 
@@ -212,10 +221,10 @@ class PrivateGradientEngine(GradientEngine):
         sums = self._sums or [torch.zeros(p.numel(), device=p.device) for p in self.params]
         extra = self.extra.step_sum(self.params) if self.extra is not None else None
         if extra is not None:  # before the noise: these records get the same mechanism as real ones
-            sums = [s + e.to(s.device) for s, e in zip(sums, extra)]
+            sums = [s + e.to(s.device) for s, e in zip(sums, extra, strict=True)]
         self._sums, self._norms = None, []
         std = self.noise_multiplier * self.clip_norm
-        for p, s in zip(self.params, sums):
+        for p, s in zip(self.params, sums, strict=True):
             noise = torch.normal(0.0, std, size=s.shape, device=s.device, generator=self.generator)
             p.grad = noise.add_(s).div_(self.expected_batch_size).view_as(p).to(p.dtype)
         return True
@@ -225,5 +234,5 @@ class PrivateGradientEngine(GradientEngine):
         if self._fused is not None:
             self._fused.remove()
             self._fused = None
-        else:
+        elif isinstance(self.module, GradSampleModule):
             self.module._close()

@@ -14,7 +14,6 @@ from typing import Any
 
 from fed_dp_lora.privacy.accountant import BudgetExceeded, PrivacyLedger, calibrate_noise
 
-
 DP_SGD = "dp-sgd"
 FEATURE_MEAN = "feature-mean"  # the linear probe's centring: one Gaussian mechanism (q = 1, one step)
 
@@ -179,10 +178,11 @@ class InstitutionLedger:
         if len(kinds) != len(columns[0]):
             raise ValueError("ledger columns have different lengths")
         releases = [Release(str(s), int(r), float(n), float(q), int(k), str(kind))
-                    for s, r, n, q, k, kind in zip(*columns, kinds)]
+                    for s, r, n, q, k, kind in zip(*columns, kinds, strict=True)]
         ids = [str(s) for s in data.get("study-ids") or []]
-        terms = zip(data.get("study-delta") or [], data.get("study-accountant") or [], data.get("study-noise") or [])
-        studies = {s: StudyTerms(float(d), str(a), float(n)) for s, (d, a, n) in zip(ids, terms)}
+        terms = zip(data.get("study-delta") or [], data.get("study-accountant") or [], data.get("study-noise") or [],
+                    strict=True)
+        studies = {s: StudyTerms(float(d), str(a), float(n)) for s, (d, a, n) in zip(ids, terms, strict=True)}
         if len(studies) != len(ids) or {r.study for r in releases} - set(studies):
             raise ValueError("ledger releases name studies without terms")
         return cls(releases, studies)

@@ -23,8 +23,9 @@ import hashlib
 import json
 import os
 import secrets
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -127,7 +128,7 @@ class InstitutionState:
             data = _read_json(path, "privacy ledger")
             try:
                 study, entry = str(data["study"]), data["ledger"]
-                rows = list(zip(entry["noise"], entry["rate"], entry["steps"], entry["rounds"]))
+                rows = list(zip(entry["noise"], entry["rate"], entry["steps"], entry["rounds"], strict=True))
                 ledger.studies[study] = StudyTerms(float(entry["delta"]), str(entry["accountant"]),
                                                    float(rows[-1][0]) if rows else 0.0)
                 ledger.releases += [Release(study, int(r), float(n), float(q), int(k)) for n, q, k, r in rows]

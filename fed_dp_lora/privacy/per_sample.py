@@ -22,14 +22,14 @@ contributions); whoever consumes it sets it back to None.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypeGuard
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 
-def _coverable(module: nn.Module) -> bool:
+def _coverable(module: nn.Module) -> TypeGuard[nn.Linear]:
     """A layer whose forward is exactly nn.Linear's, with at least one trainable tensor.
 
     Subclasses that override forward (bitsandbytes' Linear4bit / Linear8bitLt dequantize
@@ -62,9 +62,9 @@ def uncovered_parameters(model: nn.Module) -> list[str]:
 def _accumulate(param: nn.Parameter, grad_sample: torch.Tensor) -> None:
     previous = getattr(param, "grad_sample", None)
     if isinstance(previous, torch.Tensor) and previous.shape == grad_sample.shape:
-        param.grad_sample = previous + grad_sample
+        param.grad_sample = previous + grad_sample  # type: ignore[attr-defined]  # Opacus' convention
     else:
-        param.grad_sample = grad_sample
+        param.grad_sample = grad_sample  # type: ignore[attr-defined]
 
 
 class _PerSampleLinear(torch.autograd.Function):
@@ -135,5 +135,5 @@ def attach(model: nn.Module) -> FusedHandle:
     """
     modules = [m for m in model.modules() if _coverable(m)]
     for module in modules:
-        module.forward = _fused_forward(module)
+        module.forward = _fused_forward(module)  # type: ignore[method-assign]  # removed by FusedHandle
     return FusedHandle(modules)

@@ -9,9 +9,14 @@ as DP-SGD steps do.
 from __future__ import annotations
 
 import math
-from typing import Mapping
+from collections.abc import Mapping
 
 import numpy as np
+
+USER_PRIVACY_UNIT = (
+    "client: one institution's whole contribution (all its records, every round); neighbouring "
+    "runs differ by one client's update being replaced by none"
+)
 
 
 def update_norm(update: Mapping[str, np.ndarray]) -> float:

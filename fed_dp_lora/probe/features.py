@@ -25,7 +25,7 @@ BATCH = 32  # records per encoder forward
 def record_keys(data: Encoded) -> list[str]:
     lengths = data.attention_mask.sum(dim=1).tolist()
     return [hashlib.sha256(row[:n].numpy().tobytes()).hexdigest()[:32]
-            for row, n in zip(data.input_ids, lengths)]
+            for row, n in zip(data.input_ids, lengths, strict=True)]
 
 
 def cache_file(directory: Path, model: LinearProbe) -> Path:
@@ -37,7 +37,7 @@ def _load(path: Path) -> dict[str, torch.Tensor]:
         return {}
     try:
         saved = torch.load(path, weights_only=True)
-        return dict(zip(saved["keys"], saved["values"]))
+        return dict(zip(saved["keys"], saved["values"], strict=True))
     except Exception as err:  # a damaged cache is rebuilt, never trusted
         log.warning("feature cache %s unreadable (%s); encoding again", path, err)
         return {}
@@ -60,7 +60,7 @@ def cached_features(model: LinearProbe, data: Encoded, directory: Path, slots: i
             rows, _ = data.slots(index[start:start + BATCH], torch.device("cpu"))
             computed.append(model.features(rows["input_ids"], rows["attention_mask"]).cpu())
         values = torch.cat(computed)[: len(data)]
-        known = {**_load(path), **dict(zip(keys, values))}  # others may have added records meanwhile
+        known = {**_load(path), **dict(zip(keys, values, strict=True))}  # others may have added records meanwhile
         path.parent.mkdir(parents=True, exist_ok=True)
         names = list(known)
         write_atomic(path, lambda handle: torch.save({"keys": names, "values": torch.stack([known[k] for k in names])},

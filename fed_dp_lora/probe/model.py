@@ -10,12 +10,15 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import save_file
 from torch import nn
 from transformers.modeling_outputs import SequenceClassifierOutput
+
+if TYPE_CHECKING:
+    from fed_dp_lora.models import ModelSpec
 
 HEAD_FILE = "probe_head.safetensors"
 CONFIG_FILE = "probe_config.json"
@@ -61,18 +64,21 @@ class LinearProbe(nn.Module):
                                                       "base": self.identity}, indent=1))
 
 
-def probe_identity(cfg: DictConfig) -> str:
+def probe_identity(spec: ModelSpec) -> str:
     """The base model settings the features depend on (tokens are hashed per record)."""
-    model = OmegaConf.to_container(cfg.model, resolve=True)
+    model = {"name": spec.name, "task": spec.task, "quantization": spec.quantization, "pooling": spec.pooling,
+             "keep_layers": spec.keep_layers}
     return json.dumps({"model": model, "pooling": POOLING}, sort_keys=True)
 
 
-def build_probe(cfg: DictConfig, num_labels: int) -> LinearProbe:
+def build_probe(spec: ModelSpec) -> LinearProbe:
+    """The frozen base of spec with a zero head of spec.num_labels classes (config: classification only)."""
     from fed_dp_lora.models import load_base  # models imports this package's users; avoid a cycle
 
-    base = load_base(cfg, num_labels)
+    num_labels = int(spec.num_labels)  # type: ignore[arg-type]  # validated: classification has labels
+    base = load_base(spec)
     encoder = getattr(base, base.base_model_prefix)
-    return LinearProbe(encoder, int(base.config.hidden_size), num_labels, probe_identity(cfg)).to(
+    return LinearProbe(encoder, int(base.config.hidden_size), num_labels, probe_identity(spec)).to(
         next(encoder.parameters()).device)
 
 

@@ -29,21 +29,22 @@ function clips on the clients under SecAgg+.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from logging import INFO, WARNING
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
-from flwr.common.logger import log
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
-from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
 from fed_dp_lora.config import ConfigError
+from fed_dp_lora.flower_internals import sample_nodes
 from fed_dp_lora.privacy.accountant import ACCOUNTANT_NAMES, PrivacyLedger, calibrate_noise
-from fed_dp_lora.privacy.user_level import adaptive_noise_multiplier, clip_update
-from fed_dp_lora.report import USER_PRIVACY_UNIT, RunReport
+from fed_dp_lora.privacy.user_level import USER_PRIVACY_UNIT, adaptive_noise_multiplier, clip_update
 from fed_dp_lora.strategies.averaging import CheckedAggregation
+from fed_dp_lora.strategies.outcome import RoundOutcome
 
 
 class UserLevelDP:
@@ -55,7 +56,6 @@ class UserLevelDP:
 
     def __init__(
         self,
-        report: RunReport,
         *,
         clip_norm: float,
         noise_multiplier: float | None,
@@ -71,7 +71,6 @@ class UserLevelDP:
         clip_lr: float = 0.2,
         clipped_count_stddev: float | None = None,
     ) -> None:
-        self.report = report
         self.clip_norm = clip_norm
         self.noise_multiplier = noise_multiplier
         self.budget = epsilon
@@ -112,21 +111,37 @@ class UserLevelDP:
         self.clipped_count_stddev = state["clipped_count_stddev"]
         self.ledger = None if state["ledger"] is None else PrivacyLedger.from_dict(state["ledger"])
         self._np_rng.bit_generator.state = state["rng"]
-        if self.ledger is not None:
-            self.report.user_level = self.summary()
 
     # -- planning (first round) -----------------------------------------------------------
 
     @property
+    def _rate(self) -> float:
+        if self.sample_rate is None:
+            raise ConfigError("strategy.sample_rate: Poisson client sampling needs a rate. Fix: set it in (0, 1]")
+        return float(self.sample_rate)
+
+    @property
+    def _budget(self) -> float:
+        if self.budget is None:
+            raise ConfigError("strategy.epsilon: calibrating the noise needs a budget. Fix: set strategy.epsilon "
+                              "or strategy.noise_multiplier")
+        return float(self.budget)
+
+    @property
+    def _count_stddev(self) -> float:
+        assert self.clipped_count_stddev is not None, "plan() sets it before adaptive clipping runs"
+        return float(self.clipped_count_stddev)
+
+    @property
     def accounted_rate(self) -> float:
         """q for the accountant: the Poisson rate, or 1 (no amplification) for fixed-size samples."""
-        return float(self.sample_rate) if self.sampling == "poisson" else 1.0
+        return self._rate if self.sampling == "poisson" else 1.0
 
     def denominator(self) -> float:
         """Fixed divisor of the noisy sum: the expected number of sampled clients."""
         assert self.population is not None
         if self.sampling == "poisson":
-            return float(self.sample_rate) * self.population
+            return self._rate * self.population
         return float(max(int(self.population * self.fraction), self.min_clients))
 
     def plan(self, population: int) -> None:
@@ -144,7 +159,7 @@ class UserLevelDP:
         self.ledger = PrivacyLedger("rdp", delta)
         if self.noise_multiplier is None:
             self.noise_multiplier = calibrate_noise(
-                float(self.budget), delta, self.accounted_rate, self.rounds, "rdp"
+                self._budget, delta, self.accounted_rate, self.rounds, "rdp"
             )
             log(INFO, "DP-FedAvg: noise multiplier %.4f calibrated for user-level epsilon %g over %d rounds",
                 self.noise_multiplier, self.budget, self.rounds)
@@ -162,7 +177,7 @@ class UserLevelDP:
         assert self.noise_multiplier is not None
         if not self.adaptive:
             return self.noise_multiplier
-        return adaptive_noise_multiplier(self.noise_multiplier, float(self.clipped_count_stddev))
+        return adaptive_noise_multiplier(self.noise_multiplier, self._count_stddev)
 
     def budget_problem(self) -> str | None:
         """Why the next round may not run (its release would exceed the user-level budget)."""
@@ -170,7 +185,7 @@ class UserLevelDP:
         if self.budget is None:
             return None
         after = self.ledger.epsilon((self.noise_multiplier, self.accounted_rate, 1))
-        if after > float(self.budget) * (1 + 1e-9):
+        if after > self._budget * (1 + 1e-9):
             return (f"user-level budget: epsilon would reach {after:.3f} > strategy.epsilon={self.budget:g}; "
                     "no further round is run")
         return None
@@ -178,7 +193,7 @@ class UserLevelDP:
     def sample(self, nodes: list[int]) -> list[int]:
         """Poisson: each node independently with probability q; fraction: a fixed-size sample."""
         if self.sampling == "poisson":
-            return [n for n in nodes if self._np_rng.random() < float(self.sample_rate)]
+            return [n for n in nodes if self._np_rng.random() < self._rate]
         size = min(len(nodes), int(self.denominator()))
         return [nodes[i] for i in sorted(self._np_rng.choice(len(nodes), size=size, replace=False))]
 
@@ -192,8 +207,8 @@ class UserLevelDP:
         num_contributions: int,
         unclipped_count: int | None,
         sampled: int,
-    ) -> dict[str, np.ndarray]:
-        """global + (sum + N(0, (z_u C)^2)) / D; then account the round and adapt C."""
+    ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        """(global + (sum + N(0, (z_u C)^2)) / D, what was applied); then account the round and adapt C."""
         assert self.noise_multiplier is not None and self.ledger is not None
         denominator = self.denominator()
         std_sum = self.update_noise_multiplier() * self.clip_norm
@@ -215,18 +230,16 @@ class UserLevelDP:
         if self.adaptive and unclipped_count is not None:
             # Centred bits (b - 1/2): one client moves the sum by at most 1/2.
             noisy = (unclipped_count - num_contributions / 2.0
-                     + self._np_rng.normal(0.0, float(self.clipped_count_stddev)))
+                     + self._np_rng.normal(0.0, self._count_stddev))
             unclipped_fraction = noisy / denominator + 0.5
             self.clip_norm *= math.exp(-self.clip_lr * (unclipped_fraction - self.target_quantile))
             info.update({"noisy_unclipped_fraction": unclipped_fraction, "next_clip_norm": self.clip_norm})
         self.clip_history.append(used_clip)
         self.ledger.record(self.noise_multiplier, self.accounted_rate, 1)
         info["user_epsilon"] = self.ledger.epsilon()
-        self.report.record_strategy(server_round, info)
-        self.report.user_level = self.summary()
         log(INFO, "Round %d: DP-FedAvg clip=%.4g noise std (mean)=%.4g user epsilon=%.4f",
             server_round, used_clip, std_sum / denominator, info["user_epsilon"])
-        return new
+        return new, info
 
     def summary(self) -> dict[str, Any]:
         assert self.ledger is not None
@@ -256,8 +269,8 @@ class UserLevelDP:
 class AdapterDPFedAvg(CheckedAggregation, FedAvg):
     """DP-FedAvg with server-side clipping of every accepted update (see module docstring)."""
 
-    def __init__(self, report: RunReport, dp: UserLevelDP, **kwargs) -> None:
-        super().__init__(report, **kwargs)
+    def __init__(self, dp: UserLevelDP, **kwargs) -> None:
+        super().__init__(**kwargs)
         self.dp = dp
         self._skip_reason: str | None = None
         self._sampled = 0
@@ -271,6 +284,7 @@ class AdapterDPFedAvg(CheckedAggregation, FedAvg):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
+        self.names.refresh(grid)
         _, nodes = sample_nodes(grid, self.min_available_nodes, 0)
         self.dp.plan(len(nodes))
         self._sent = (arrays, 0)
@@ -290,27 +304,34 @@ class AdapterDPFedAvg(CheckedAggregation, FedAvg):
         self._outgoing = messages
         return messages
 
-    def aggregate_train(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+    def aggregate_round(self, server_round: int, replies: Iterable[Message]) -> RoundOutcome:
         if self._skip_reason is not None:
-            self.report.record_train(server_round, {}, {"server": self._skip_reason}, 0, 0)
-            return None, None
+            return RoundOutcome(server_round, failures={"server": self._skip_reason}, stop_reason=self.stop_reason)
         # Dropped and rejected clients count as zero against the fixed denominator: no minimum.
-        accepted = self.screen(server_round, list(replies), enforce_minimum=False)
-        reference = self._sent[0]
-        global_arrays = {k: v.numpy() for k, v in reference.items()}
+        accepted, outcome = self.screen(server_round, list(replies), enforce_minimum=False)
+        assert self._sent is not None, "configure_train ran first"
+        global_arrays = {k: v.numpy() for k, v in self._sent[0].items()}
+        clipped_sum, unclipped = self._clipped_sum(accepted, global_arrays)
+        new, outcome.strategy = self.dp.release(server_round, global_arrays, clipped_sum, len(accepted),
+                                                unclipped, self._sampled)
+        outcome.user_level = self.dp.summary()
+        outcome.arrays = ArrayRecord({k: Array(v) for k, v in new.items()})
+        outcome.metrics = (self.train_metrics_aggr_fn([r.content for r in accepted], self.weighted_by_key)
+                           if accepted else None)
+        outcome.stop_reason = self.stop_reason
+        return outcome
+
+    def _clipped_sum(
+        self, accepted: list[Message], global_arrays: dict[str, np.ndarray]
+    ) -> tuple[dict[str, np.ndarray], int]:
+        """(sum of the accepted updates, each clipped to C in float64; how many were within C)."""
         clipped_sum = {k: np.zeros(v.shape, dtype=np.float64) for k, v in global_arrays.items()}
         unclipped = 0
         for reply in accepted:
-            arrays = reply.content[self.arrayrecord_key]
+            arrays = reply.content.array_records[self.arrayrecord_key]
             update = {k: arrays[k].numpy().astype(np.float64) - global_arrays[k] for k in global_arrays}
             clipped, norm = clip_update(update, self.dp.clip_norm)
             unclipped += int(norm <= self.dp.clip_norm)
             for k in clipped_sum:
                 clipped_sum[k] += clipped[k]
-        new = self.dp.release(server_round, global_arrays, clipped_sum, len(accepted),
-                              unclipped, self._sampled)
-        metrics = (self.train_metrics_aggr_fn([r.content for r in accepted], self.weighted_by_key)
-                   if accepted else None)
-        return ArrayRecord({k: Array(v) for k, v in new.items()}), metrics
+        return clipped_sum, unclipped

@@ -1,21 +1,19 @@
-"""The strategy named by `strategy.name`, built from its config group (validated in config.py)."""
+"""The strategy named by `strategy.name`, built from its config group (validated in fed_dp_lora/config/)."""
 
 from __future__ import annotations
 
 from omegaconf import DictConfig
 
-from fed_dp_lora.report import RunReport
 from fed_dp_lora.strategies.averaging import AdapterFedAvg, CheckedAggregation
 from fed_dp_lora.strategies.dp_fedavg import AdapterDPFedAvg, UserLevelDP
 from fed_dp_lora.strategies.robust import AdapterMedian, AdapterMultiKrum, AdapterTrimmedMean
 
 
-def user_level_dp(cfg: DictConfig, report: RunReport) -> UserLevelDP:
+def user_level_dp(cfg: DictConfig) -> UserLevelDP:
     """The DP-FedAvg mechanism configured by strategy=dp-fedavg."""
     s = cfg.strategy
     optional = lambda v: None if v is None else float(v)  # noqa: E731
     return UserLevelDP(
-        report,
         clip_norm=float(s.clip_norm),
         noise_multiplier=optional(s.noise_multiplier),
         epsilon=optional(s.epsilon),
@@ -32,8 +30,8 @@ def user_level_dp(cfg: DictConfig, report: RunReport) -> UserLevelDP:
     )
 
 
-def build_strategy(cfg: DictConfig, report: RunReport) -> CheckedAggregation:
-    """A Flower Strategy subclass; every one screens updates and reports like AdapterFedAvg."""
+def build_strategy(cfg: DictConfig) -> CheckedAggregation:
+    """A Flower Strategy subclass; every one screens updates and returns a RoundOutcome like AdapterFedAvg."""
     s = cfg.strategy
     common = dict(
         fraction_train=float(s.fraction_train),
@@ -41,16 +39,16 @@ def build_strategy(cfg: DictConfig, report: RunReport) -> CheckedAggregation:
         min_available_nodes=int(s.min_available_clients),
     )
     if s.name == "fedavg":
-        return AdapterFedAvg(report, **common)
+        return AdapterFedAvg(**common)
     if s.name == "dp-fedavg":
-        return AdapterDPFedAvg(report, user_level_dp(cfg, report), **common)
+        return AdapterDPFedAvg(user_level_dp(cfg), **common)
     if s.name == "krum":
-        return AdapterMultiKrum(report, int(s.num_malicious), 1, **common)
+        return AdapterMultiKrum(int(s.num_malicious), 1, **common)
     if s.name == "multi-krum":
         selected = None if s.num_selected is None else int(s.num_selected)
-        return AdapterMultiKrum(report, int(s.num_malicious), selected, **common)
+        return AdapterMultiKrum(int(s.num_malicious), selected, **common)
     if s.name == "trimmed-mean":
-        return AdapterTrimmedMean(report, beta=float(s.beta), **common)
+        return AdapterTrimmedMean(beta=float(s.beta), **common)
     if s.name == "median":
-        return AdapterMedian(report, **common)
+        return AdapterMedian(**common)
     raise ValueError(f"unknown strategy {s.name!r}")  # config.validate lists the names

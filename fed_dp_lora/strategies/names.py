@@ -16,7 +16,8 @@ from collections import Counter
 from flwr.app import Message
 from flwr.serverapp import Grid
 
-from fed_dp_lora.reply import NODE_RECORD
+from fed_dp_lora.reply import NODE_RECORD, PARTITION_ID
+from fed_dp_lora.wire import scalar
 
 RESERVED = frozenset({"server"})  # the report's key for the server's own failures
 
@@ -44,12 +45,12 @@ class NodeNames:
     def of_reply(self, reply: Message, node_id: int | None = None) -> str:
         """client-<partition-id> in simulation, else the registered name, else the declared one."""
         metrics = reply.content.metric_records.get("metrics") if reply.has_content() else None
-        if metrics is not None and "partition-id" in metrics:
-            return f"client-{int(metrics['partition-id'])}"
+        if metrics is not None and PARTITION_ID in metrics:
+            return f"client-{int(scalar(metrics[PARTITION_ID]))}"
         nid = int(reply.metadata.src_node_id if node_id is None else node_id)
         node = reply.content.config_records.get(NODE_RECORD) if reply.has_content() else None
         if nid not in self.names and node is not None and node.get("name"):
-            return f"{node['name']} (declared, {fallback_name(nid)})"  # self-named: never taken for a registered one
+            return f"{node['name']!s} (declared, {fallback_name(nid)})"  # self-named: never taken for a registered one
         return self.of(nid)
 
     def table(self) -> dict[str, int]:

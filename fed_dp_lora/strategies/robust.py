@@ -1,8 +1,8 @@
 """Byzantine-robust aggregation of LoRA adapters: Krum, Multi-Krum, trimmed mean, median.
 
 Flower's Krum/MultiKrum/FedTrimmedAvg/FedMedian do the statistics; these subclasses put the
-update checks and reporting of CheckedAggregation in front of them (every reply screened,
-malformed ones rejected and logged with the node id) and record what the aggregator chose.
+update checks of CheckedAggregation in front of them (every reply screened, malformed ones
+rejected and logged with the node id) and return what the aggregator chose in the round's outcome.
 
 What is aggregated robustly: the tensors that travel, i.e. the LoRA factors A and B (and the
 head) of every client, each coordinate separately (trimmed mean, median) or as one
@@ -21,34 +21,31 @@ not factor back into rank-r A and B. Consequences, tested in tests/strategies/te
 from __future__ import annotations
 
 from logging import WARNING
-from typing import Iterable
 
 from flwr.app import ArrayRecord, Message, MetricRecord
-from flwr.common.logger import log
+from flwr.common import log
 from flwr.serverapp.strategy import FedMedian, FedTrimmedAvg, MultiKrum
-from flwr.serverapp.strategy.multikrum import select_multikrum
-from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
+from fed_dp_lora.flower_internals import aggregate_arrayrecords, select_multikrum
 from fed_dp_lora.strategies.averaging import CheckedAggregation
+from fed_dp_lora.strategies.outcome import RoundOutcome
 
 
 class AdapterMultiKrum(CheckedAggregation, MultiKrum):
     """Multi-Krum (Krum when num_selected=1) on screened adapter updates.
 
     Flower's MultiKrum.aggregate_train does not say whom it selected; this one calls the same
-    selection (select_multikrum) and records the selected clients in the round's report.
+    selection (select_multikrum) and returns the selected clients in the round's outcome.
     num_selected=None selects n - f of the n accepted updates (Blanchard et al.'s m = n - f).
     """
 
-    def __init__(self, report, num_malicious: int, num_selected: int | None, **kwargs) -> None:
-        super().__init__(report, num_malicious_nodes=num_malicious,
-                         num_nodes_to_select=num_selected or 1, **kwargs)
+    def __init__(self, num_malicious: int, num_selected: int | None, **kwargs) -> None:
+        super().__init__(num_malicious_nodes=num_malicious, num_nodes_to_select=num_selected or 1, **kwargs)
         self.num_selected = num_selected
 
-    def aggregate_train(
-        self, server_round: int, replies: Iterable[Message]
+    def combine(
+        self, server_round: int, accepted: list[Message], outcome: RoundOutcome
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        accepted = self.screen(server_round, list(replies))
         if not accepted:
             return None, None
         n, f = len(accepted), self.num_malicious_nodes
@@ -59,7 +56,7 @@ class AdapterMultiKrum(CheckedAggregation, MultiKrum):
         contents = [r.content for r in accepted]
         chosen = select_multikrum(contents, num_malicious_nodes=f, num_nodes_to_select=min(m, n))
         chosen_ids = {id(c) for c in chosen}
-        self.report.record_strategy(server_round, {
+        outcome.strategy.update({
             "selected": sorted(self.names.of_reply(r) for r in accepted if id(r.content) in chosen_ids),
             "num_malicious_assumed": f,
         })
@@ -70,15 +67,14 @@ class AdapterMultiKrum(CheckedAggregation, MultiKrum):
 class AdapterTrimmedMean(CheckedAggregation, FedTrimmedAvg):
     """Coordinate-wise trimmed mean of A, B and the head (Flower's FedTrimmedAvg), unweighted."""
 
-    def aggregate_train(
-        self, server_round: int, replies: Iterable[Message]
+    def combine(
+        self, server_round: int, accepted: list[Message], outcome: RoundOutcome
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        accepted = self.screen(server_round, list(replies))
         cut = int(self.beta * len(accepted))
         if accepted and cut == 0:
             log(WARNING, "Round %d: trimmed mean with beta=%g trims nothing from %d updates",
                 server_round, self.beta, len(accepted))
-        self.report.record_strategy(server_round, {"trimmed_per_tail": cut})
+        outcome.strategy["trimmed_per_tail"] = cut
         return FedTrimmedAvg.aggregate_train(self, server_round, accepted)
 
 

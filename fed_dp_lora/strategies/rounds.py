@@ -2,7 +2,8 @@
 
 Flower's `Strategy.start` always counts from round 1 and offers no hook after a round, so a
 stopped run could not continue from its checkpoint; this loop calls the same strategy
-methods (configure_train, send_and_receive, aggregate_train) and then `after_round`. Clients are
+methods (configure_train, send_and_receive, then aggregate_round, which is aggregate_train
+returning what happened) and hands the round's outcome to `after_round`. Clients are
 evaluated centrally by the server (`fraction_evaluate=0`), so there is no client-side evaluation
 phase to run.
 """
@@ -10,14 +11,15 @@ phase to run.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from logging import INFO, WARNING
-from typing import Callable
 
 from flwr.app import ArrayRecord, ConfigRecord
-from flwr.common.logger import log
+from flwr.common import log
 from flwr.serverapp import Grid
 
 from fed_dp_lora.strategies.averaging import CheckedAggregation
+from fed_dp_lora.strategies.outcome import RoundOutcome
 
 
 def run_rounds(
@@ -27,7 +29,7 @@ def run_rounds(
     rounds: range,
     train_config: ConfigRecord,
     timeout: float,
-    after_round: Callable[[int, ArrayRecord], None],
+    after_round: Callable[[int, ArrayRecord, RoundOutcome], None],
 ) -> ArrayRecord:
     """Run `rounds`; stop early (cleanly) when the strategy says no further round can succeed."""
     for server_round in rounds:
@@ -37,13 +39,12 @@ def run_rounds(
         messages = strategy.configure_train(server_round, arrays, ConfigRecord(dict(train_config)), grid)
         replies = grid.send_and_receive(messages=messages, timeout=timeout)
         received = time.perf_counter()
-        new, _ = strategy.aggregate_train(server_round, replies)
-        if new is not None:
-            arrays = new
-        strategy.report.record_timing(server_round, {"clients": received - started,
-                                                     "aggregate": time.perf_counter() - received})
-        after_round(server_round, arrays)
-        if strategy.stop_reason is not None:
-            log(WARNING, "Stopping after round %d: %s", server_round, strategy.stop_reason)
+        outcome = strategy.aggregate_round(server_round, replies)
+        if outcome.arrays is not None:
+            arrays = outcome.arrays
+        outcome.timing.update({"clients": received - started, "aggregate": time.perf_counter() - received})
+        after_round(server_round, arrays, outcome)
+        if outcome.stop_reason is not None:
+            log(WARNING, "Stopping after round %d: %s", server_round, outcome.stop_reason)
             break
     return arrays

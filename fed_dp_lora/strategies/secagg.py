@@ -3,6 +3,8 @@
 SecAgg+ runs only on Flower's legacy server API (SecAggPlusWorkflow inside DefaultWorkflow,
 with a legacy Strategy); this module hides that behind the same strategy choice and outputs
 (RunReport rows, summary.json, adapter folders, progress lines) as the message-API strategies.
+Flower's workflow, not our round loop, calls this strategy, so it hands each round's
+RoundOutcome to a `record` callback (the server's run records it in the report).
 
 Clients send their update (adapter - global adapter), masked; the workflow unmasks the
 weighted mean of the updates of the clients that finished stage 2 and hands it to
@@ -14,14 +16,14 @@ from their neighbours' shares as long as the reconstruction threshold is met.
 
 What the server cannot do here: check individual updates (the per-update checks of the other
 strategies need the individual update; only the unmasked aggregate is checked) or aggregate
-robustly (config.py refuses that combination).
+robustly (config/rules.py refuses that combination).
 """
 
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from logging import INFO, WARNING
-from typing import Callable
 
 import numpy as np
 import torch
@@ -33,27 +35,35 @@ from flwr.common import (
     FitRes,
     Parameters,
     Scalar,
+    log,
     ndarray_to_bytes,
     ndarrays_to_parameters,
     parameters_to_ndarrays,
 )
-from flwr.common.logger import log
-from flwr.server import ServerConfig
-from flwr.server.client_manager import ClientManager
-from flwr.server.client_proxy import ClientProxy
-from flwr.server.compat import LegacyContext
+from flwr.server import ClientManager, LegacyContext, ServerConfig
 from flwr.server.strategy import FedAvg as LegacyFedAvg
 from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 from flwr.serverapp import Grid
 from omegaconf import DictConfig
 
-from fed_dp_lora.report import RunReport
+from fed_dp_lora.flower_internals import ClientProxy
+from fed_dp_lora.reply import EPSILON, PARTITION_ID
 from fed_dp_lora.strategies.dp_fedavg import UserLevelDP
 from fed_dp_lora.strategies.names import NodeNames
+from fed_dp_lora.strategies.outcome import RoundOutcome
 from fed_dp_lora.wire import SECAGG_CLIP, SECAGG_EQUAL, SECAGG_KEYS
 
 EvaluateState = Callable[[int, dict[str, torch.Tensor]], dict[str, float] | None]
+RecordOutcome = Callable[[RoundOutcome], None]
 MAX_AGGREGATE_NORM = 1e6  # the same "absurd norm" bound wire.update_problem applies per update
+
+
+def _aggregate_problem(new: dict[str, np.ndarray], old: dict[str, np.ndarray]) -> str | None:
+    """Why the unmasked aggregate must not become the global adapter (only it can be checked)."""
+    norm = float(np.sqrt(sum(np.sum((new[k].astype(np.float64) - old[k]) ** 2) for k in new)))
+    if not all(np.all(np.isfinite(v)) for v in new.values()) or norm > MAX_AGGREGATE_NORM:
+        return f"aggregate rejected: non-finite values or norm {norm:.3g} > {MAX_AGGREGATE_NORM:g}"
+    return None
 
 
 def masked_upload_bytes(shapes: list[tuple[int, ...]]) -> int:
@@ -68,9 +78,9 @@ class SecAggAdapterStrategy(LegacyFedAvg):
 
     def __init__(
         self,
-        report: RunReport,
         initial: dict[str, torch.Tensor],
         evaluate_state: EvaluateState,
+        record: RecordOutcome,
         *,
         fraction: float,
         min_clients: int,
@@ -81,7 +91,8 @@ class SecAggAdapterStrategy(LegacyFedAvg):
     ) -> None:
         super().__init__(fraction_fit=fraction, fraction_evaluate=0.0, min_fit_clients=min_clients,
                          min_evaluate_clients=0, min_available_clients=min_available)
-        self.report = report
+        self.record = record
+        self._recorded_round = 0  # the last round whose outcome went to `record`
         self.keys = list(initial)
         self.shapes = [tuple(initial[k].shape) for k in self.keys]
         self.initial = initial
@@ -103,12 +114,11 @@ class SecAggAdapterStrategy(LegacyFedAvg):
     def configure_fit(
         self, server_round: int, parameters: Parameters, client_manager: ClientManager
     ) -> list[tuple[ClientProxy, FitIns]]:
-        client_manager.wait_for(self.min_available_clients)
+        client_manager.wait_for(self.min_available_clients, timeout=86400)  # Flower's default wait
         proxies = {p.node_id: p for p in client_manager.all().values()}
         if self.grid is not None:
             self.names.refresh(self.grid)
-            self.report.run["nodes"] = self.names.table()
-        self._global = dict(zip(self.keys, parameters_to_ndarrays(parameters)))
+        self._global = dict(zip(self.keys, parameters_to_ndarrays(parameters), strict=True))
         config: dict[str, Scalar] = {SECAGG_KEYS: "\n".join(self.keys), "server-round": server_round,
                                       "study-id": self.study}
         if self.dp is not None:
@@ -116,7 +126,7 @@ class SecAggAdapterStrategy(LegacyFedAvg):
             self._skip_reason = self.dp.budget_problem()
             if self._skip_reason is not None:
                 log(WARNING, "Round %d: %s", server_round, self._skip_reason)
-                self.report.record_train(server_round, {}, {"server": self._skip_reason}, 0, 0)
+                self._record(RoundOutcome(server_round, failures={"server": self._skip_reason}))
                 return []
             chosen = self.dp.sample(list(proxies))
             config[SECAGG_CLIP] = float(self.dp.clip_norm)
@@ -134,45 +144,66 @@ class SecAggAdapterStrategy(LegacyFedAvg):
         results: list[tuple[ClientProxy, FitRes]],
         failures: list,
     ) -> tuple[Parameters | None, dict[str, Scalar]]:
-        clients: dict[str, dict[str, float]] = {}
-        returned: set[int] = set()
-        for proxy, fitres in results:
-            metrics = {k: float(v) for k, v in fitres.metrics.items()}
-            name = f"client-{int(metrics['partition-id'])}" if "partition-id" in metrics else self.names.of(proxy.node_id)
-            clients[name] = metrics
-            returned.add(proxy.node_id)
-        missing = {self.names.of(n): "dropped out of secure aggregation (no masked update)"
-                   for n in self._sampled if n not in returned}
-        for name in missing:
-            log(WARNING, "Round %d: %s %s", server_round, name, missing[name])
-        size = masked_upload_bytes(self.shapes)
-        down = sum(len(ndarray_to_bytes(self._global[k])) for k in self.keys) * len(self._sampled)
-        self.report.record_train(server_round, clients, missing, size * len(results), down)
-        if not results:
-            return None, {}
-        mean = dict(zip(self.keys, parameters_to_ndarrays(results[0][1].parameters)))
-        if self.dp is not None:
-            clipped_sum = {k: v.astype(np.float64) * len(results) for k, v in mean.items()}
-            new = self.dp.release(server_round, self._global, clipped_sum, len(results), None, len(self._sampled))
-        else:
-            new = {k: (self._global[k].astype(np.float64) + mean[k]).astype(self._global[k].dtype) for k in self.keys}
-        norm = float(np.sqrt(sum(np.sum((new[k].astype(np.float64) - self._global[k]) ** 2) for k in self.keys)))
-        if not all(np.all(np.isfinite(v)) for v in new.values()) or norm > MAX_AGGREGATE_NORM:
-            reason = f"aggregate rejected: non-finite values or norm {norm:.3g} > {MAX_AGGREGATE_NORM:g}"
-            log(WARNING, "Round %d: %s; the global adapter is kept", server_round, reason)
-            self.report.rounds[-1]["failures"]["server"] = reason
+        outcome = self._round_outcome(server_round, results)
+        new = self._aggregate(server_round, results, outcome) if results else None
+        problem = None if new is None else _aggregate_problem(new, self._global)
+        if problem is not None:  # the release is accounted all the same: its noise was drawn
+            log(WARNING, "Round %d: %s; the global adapter is kept", server_round, problem)
+            outcome.failures["server"] = problem
+            new = None
+        self._record(outcome)
+        if new is None:
             return None, {}
         log(INFO, "Round %d: SecAgg+ aggregate of %d masked updates", server_round, len(results))
-        eps = [m["epsilon"] for m in clients.values() if "epsilon" in m]
-        metrics = {"clients": float(len(clients)), **({"epsilon-max": max(eps)} if eps else {})}
-        return ndarrays_to_parameters([new[k] for k in self.keys]), metrics
+        eps = [m[EPSILON] for m in outcome.clients.values() if EPSILON in m]
+        aggregated: dict[str, Scalar] = {"clients": float(len(outcome.clients)),
+                                         **({"epsilon-max": max(eps)} if eps else {})}
+        return ndarrays_to_parameters([new[k] for k in self.keys]), aggregated
+
+    def _round_outcome(self, server_round: int, results: list[tuple[ClientProxy, FitRes]]) -> RoundOutcome:
+        """Who sent a masked update (with its public metrics), who dropped out, bytes."""
+        outcome = RoundOutcome(server_round, nodes=self.names.table() if self.grid is not None else None)
+        for proxy, fitres in results:
+            metrics = {k: float(v) for k, v in fitres.metrics.items()}
+            simulated = PARTITION_ID in metrics
+            name = f"client-{int(metrics[PARTITION_ID])}" if simulated else self.names.of(proxy.node_id)
+            outcome.clients[name] = metrics
+        returned = {proxy.node_id for proxy, _ in results}
+        for node in self._sampled:
+            if node not in returned:
+                name = self.names.of(node)
+                outcome.failures[name] = "dropped out of secure aggregation (no masked update)"
+                log(WARNING, "Round %d: %s %s", server_round, name, outcome.failures[name])
+        outcome.bytes_up = masked_upload_bytes(self.shapes) * len(results)
+        outcome.bytes_down = sum(len(ndarray_to_bytes(self._global[k])) for k in self.keys) * len(self._sampled)
+        return outcome
+
+    def _aggregate(
+        self, server_round: int, results: list[tuple[ClientProxy, FitRes]], outcome: RoundOutcome
+    ) -> dict[str, np.ndarray]:
+        """The new global adapter from the unmasked mean of the updates (plus noise under DP, whose
+        facts and user-level guarantee go into `outcome`)."""
+        mean = dict(zip(self.keys, parameters_to_ndarrays(results[0][1].parameters), strict=True))
+        if self.dp is None:
+            return {k: (self._global[k].astype(np.float64) + mean[k]).astype(self._global[k].dtype)
+                    for k in self.keys}
+        clipped_sum = {k: v.astype(np.float64) * len(results) for k, v in mean.items()}
+        new, outcome.strategy = self.dp.release(server_round, self._global, clipped_sum, len(results), None,
+                                                len(self._sampled))
+        outcome.user_level = self.dp.summary()
+        return new
+
+    def _record(self, outcome: RoundOutcome) -> None:
+        self._recorded_round = outcome.server_round
+        self.record(outcome)
 
     def evaluate(self, server_round: int, parameters: Parameters) -> tuple[float, dict[str, Scalar]] | None:
-        if server_round > 0 and not any(r["round"] == server_round for r in self.report.rounds):
+        if server_round > 0 and self._recorded_round != server_round:
             # The workflow halted before aggregate_fit (too few clients or shares left).
-            self.report.record_train(server_round, {}, {"server": "secure aggregation halted: fewer than 2 "
-                                     "clients sampled, or too few left for the reconstruction threshold"}, 0, 0)
-        state = {k: torch.from_numpy(a.copy()) for k, a in zip(self.keys, parameters_to_ndarrays(parameters))}
+            self._record(RoundOutcome(server_round, failures={"server": "secure aggregation halted: fewer than 2 "
+                         "clients sampled, or too few left for the reconstruction threshold"}))
+        arrays = parameters_to_ndarrays(parameters)
+        state = {k: torch.from_numpy(a.copy()) for k, a in zip(self.keys, arrays, strict=True)}
         metrics = self.evaluate_state(server_round, state)
         return None if metrics is None else (float(metrics.get("loss", 0.0)), dict(metrics))
 
@@ -191,16 +222,16 @@ def run_secagg(
     grid: Grid,
     context: Context,
     cfg: DictConfig,
-    report: RunReport,
     initial: dict[str, torch.Tensor],
     evaluate_state: EvaluateState,
+    record: RecordOutcome,
     dp: UserLevelDP | None,
     study: str,
 ) -> None:
     """Run all rounds through DefaultWorkflow(fit_workflow=SecAggPlusWorkflow(...))."""
     s, sp = cfg.strategy, cfg.secaggplus
     strategy = SecAggAdapterStrategy(
-        report, initial, evaluate_state, fraction=float(s.fraction_train), min_clients=int(s.min_train_clients),
+        initial, evaluate_state, record, fraction=float(s.fraction_train), min_clients=int(s.min_train_clients),
         min_available=int(s.min_available_clients), dp=dp, study=study, grid=grid,
     )
     workflow = DefaultWorkflow(

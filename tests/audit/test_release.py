@@ -9,7 +9,7 @@ from flwr.app import ArrayRecord, MetricRecord
 
 from fed_dp_lora.audit.release import ReleaseAudit
 from fed_dp_lora.config import ConfigError
-from fed_dp_lora.privacy.audit import epsilon_lower_bound
+from fed_dp_lora.audit.bounds import epsilon_lower_bound
 
 ADAPTER = {"layer.lora_A": torch.zeros(8, 64), "layer.lora_B": torch.zeros(64, 8), "head": torch.zeros(2, 16)}
 

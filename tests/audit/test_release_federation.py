@@ -1,7 +1,8 @@
 """The release audit in whole federations (the real ServerApp and ClientApps, in one process).
 
-Settings: fed_dp_lora/experiments/audit_power.py (RELEASE_SETTINGS), the same as the README's
-table. Noise is seeded, so every run here is one fixed draw of the audit.
+Settings: fed_dp_lora/experiments/audit_power.py (RELEASE_SETTINGS), the same as the
+release-audit table in docs/results.md. Noise is seeded, so every run here is one fixed draw
+of the audit.
 """
 
 from __future__ import annotations
@@ -9,12 +10,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from fed_dp_lora.client_round import RoundRequest, train_round
 from fed_dp_lora.experiments.audit_power import planted_leak, release_audit_run
 from fed_dp_lora.experiments.inprocess import run_federation
-from fed_dp_lora.client_data import cached_model
-from fed_dp_lora.client_round import RoundRequest, train_round
-from fed_dp_lora.models import trainable_state
 from fed_dp_lora.privacy.engine import PrivateGradientEngine
+from tests.client_helpers import initial_adapter
 from tests.test_checkpoint import RECORD_DP, stopped_run
 
 
@@ -57,7 +57,7 @@ def test_canaries_change_the_audited_clients_release_and_no_other(make_cfg):
     audited = make_cfg(*settings, "audit.release.enabled=true", "audit.release.client=0",
                        "audit.release.canaries=500", "audit.release.guesses=100")
     plain = make_cfg(*settings)
-    start = trainable_state(cached_model(plain))
+    start = initial_adapter(plain)
 
     def release(cfg, partition: int) -> dict[str, torch.Tensor]:
         node = {"partition-id": partition, "num-partitions": 2}

@@ -63,7 +63,7 @@ def test_a_bundle_built_from_the_same_code_is_accepted_as_installed(reference, c
         (d / "fed_dp_lora" / "client_round.py").read_text() + "\n# one more line\n"),
      "changed file fed_dp_lora/client_round.py"),
     (lambda d: (d / "conf" / "privacy" / "dp.yaml").write_text(
-        (d / "conf" / "privacy" / "dp.yaml").read_text().replace("clip_norm", "clip_norm ", 1)),
+        (d / "conf" / "privacy" / "dp.yaml").read_text().replace("enabled", "enabled ", 1)),
      "changed file conf/privacy/dp.yaml"),
     (lambda d: (d / "fed_dp_lora" / "evil.py").write_text("import os\n"), "extra file fed_dp_lora/evil.py"),
     (lambda d: (d / "fed_dp_lora" / "attacks.py").unlink(), "missing file fed_dp_lora/attacks.py"),

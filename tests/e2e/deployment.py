@@ -1,9 +1,9 @@
 """Helpers for deployment tests: a TLS + SuperNode-auth SuperLink and real SuperNodes on loopback.
 
 Each helper runs the operator script it mirrors in scripts/deploy/, so the tests exercise what
-the README tells an operator to run. Everything binds 127.0.0.1, uses free ports and its own
-FLWR_HOME, and is started in a new session (process group) and stopped by PID, never by name
-(the machinery of tests/e2e/runtime.py, reused here).
+docs/deployment.md tells an operator to run. Everything binds 127.0.0.1, uses free ports and
+its own FLWR_HOME, and is started in a new session (process group) and stopped by PID, never by
+name (the machinery of tests/e2e/runtime.py, reused here).
 
 Typical use::
 

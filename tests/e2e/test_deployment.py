@@ -177,7 +177,7 @@ def test_the_killed_node_was_left_out_of_its_round_and_rejoined_later(deployment
     assert deployment.killed in round2["failures"], round2
     assert deployment.killed not in round2["clients"] and len(round2["clients"]) == 2
     assert deployment.rejoined_id == deployment.killed_id  # the registered key keeps its node id
-    assert set(round3["clients"]) == set(deployment.names.values()) and not round3["failures"]
+    assert set(round3["clients"]) == set(deployment.names.values()) and not round3["failures"], round3
 
 
 def test_every_reported_epsilon_is_the_institution_ledger_with_no_round_twice(deployment):
@@ -187,7 +187,7 @@ def test_every_reported_epsilon_is_the_institution_ledger_with_no_round_twice(de
         lifetime = InstitutionState(deployment.state[i]).load_ledger()
         rounds = [r.round for r in lifetime.releases if r.study == study]
         assert len(rounds) == len(set(rounds)), f"{name} counted a round twice: {rounds}"
-        assert rounds[-1] == 3 and 1 in rounds
+        assert rounds[-1] == 3 and 1 in rounds, (name, rounds, local_log.read(deployment.state[i])[-3:])
         ledger = lifetime.study(study)
         assert s["privacy"]["epsilon"][name] == pytest.approx(ledger.epsilon(), rel=1e-9), name
         assert s["privacy"]["steps"][name] == ledger.steps

@@ -120,7 +120,7 @@ def test_saved_adapters_reproduce_the_reported_metrics(simulation):
 
     from fed_dp_lora.central import central_test_table, eval_batch_size
     from fed_dp_lora.config import load_config, to_plain
-    from fed_dp_lora.models import load_base, load_tokenizer
+    from fed_dp_lora.models import ModelSpec, load_base, load_tokenizer
     from fed_dp_lora.training import encode, evaluate
 
     cfg = load_config({"overrides": OVERRIDES, "output-dir": str(simulation.out)})
@@ -132,7 +132,7 @@ def test_saved_adapters_reproduce_the_reported_metrics(simulation):
     assert reported["final"] == reported[ROUNDS]
 
     for r in (1, ROUNDS):
-        model = PeftModel.from_pretrained(load_base(cfg, 2), simulation.out / "adapters" / f"round-{r}")
+        model = PeftModel.from_pretrained(load_base(ModelSpec.of(cfg, 2)), simulation.out / "adapters" / f"round-{r}")
         got = evaluate(model, test, eval_batch_size(cfg.eval.batch_size, torch.device("cpu")))
         want = reported["final"] if r == ROUNDS else reported[r]
         assert set(got) == set(want)

@@ -33,6 +33,8 @@ def last_line(text: str) -> str:
 @pytest.mark.parametrize("overrides, key", [
     ("privacy.epsilon=-1", "privacy.epsilon"),
     ("data=file data.path={csv}", "data.labels"),  # a CSV run needs its class names
+    ("lora.rank=4", "lora.rank"),  # a key the schema does not have
+    ("lora.r=abc", "lora.r"),  # a value of the wrong type
 ])
 def test_a_refused_configuration_ends_with_one_line_before_the_run_starts(tmp_path, overrides, key):
     csv = tmp_path / "records.csv"

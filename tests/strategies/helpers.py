@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 from flwr.supercore.logger import FLOWER_LOGGER
 
 from fed_dp_lora.experiments.inprocess import Handler, InProcessGrid
+from fed_dp_lora.report import RunReport
+from fed_dp_lora.strategies.outcome import RoundOutcome
+from fed_dp_lora.strategies.rounds import run_rounds
 
 
 def reply_with(arrays: dict[str, torch.Tensor], num_examples: int = 10, **metrics) -> Handler:
@@ -29,10 +33,27 @@ def filled(reference: dict[str, torch.Tensor], value: float) -> dict[str, torch.
     return {k: torch.full_like(v, value) for k, v in reference.items()}
 
 
-def run_strategy(strategy, grid: InProcessGrid, initial: dict, rounds: int = 1):
-    """Flower's own round loop; the study id is what our ServerApp sends every client."""
-    return strategy.start(grid=grid, initial_arrays=ArrayRecord(initial), num_rounds=rounds,
-                          train_config=ConfigRecord({"study-id": "test-study"}))
+@dataclass
+class Ran:
+    arrays: ArrayRecord  # the final global adapter
+    outcomes: list[RoundOutcome]  # what the strategy returned, round by round
+
+
+def run_strategy(strategy, grid: InProcessGrid, initial: dict, report: RunReport | None = None,
+                 rounds: int = 1) -> Ran:
+    """Our round loop, as the ServerApp runs it: each round's outcome is recorded in `report`
+    (strategies return what happened; they never write the report). The study id is what our
+    ServerApp sends every client."""
+    outcomes: list[RoundOutcome] = []
+
+    def after_round(server_round: int, arrays: ArrayRecord, outcome: RoundOutcome) -> None:
+        outcomes.append(outcome)
+        if report is not None:
+            report.record_round(outcome)
+
+    arrays = run_rounds(strategy, grid, ArrayRecord(initial), range(1, rounds + 1),
+                        ConfigRecord({"study-id": "test-study"}), 3600.0, after_round)
+    return Ran(arrays, outcomes)
 
 
 class LogRecords(logging.Handler):

@@ -27,6 +27,7 @@ from fed_dp_lora.privacy.institution_ledger import InstitutionLedger, Release, S
 from fed_dp_lora.reply import REFUSAL_TEXT, Refusal
 from fed_dp_lora.report import RunReport
 from fed_dp_lora.strategies import build_strategy
+from tests.client_helpers import initial_adapter
 from tests.strategies.helpers import error_reply, filled, reply_with, run_strategy
 
 # One Poisson step on an expected batch of 16 per round, fixed noise (no calibration).
@@ -73,7 +74,7 @@ def test_aggregation_is_weighted_by_num_examples(tmp_path, make_cfg):
         102: reply_with(filled(REFERENCE, 2.0), 30, **{"partition-id": 1}),
         103: reply_with(filled(REFERENCE, 3.0), 60, **{"partition-id": 2}),
     })
-    result = run_strategy(build_strategy(cfg, report), grid, REFERENCE)
+    result = run_strategy(build_strategy(cfg), grid, REFERENCE, report)
 
     assert len(grid.sent) == 3  # every node was asked (fraction_train = 1)
     got = result.arrays.to_torch_state_dict()
@@ -102,7 +103,7 @@ def test_ffa_averaging_b_is_exactly_the_average_of_the_updates_ba(tmp_path, tiny
     }
     grid = InProcessGrid({n: (lambda msg, c=c: client_app(msg, c)) for n, c in contexts.items()})
     report = make_report(tmp_path, cfg)
-    result = run_strategy(build_strategy(cfg, report), grid, initial)
+    result = run_strategy(build_strategy(cfg), grid, initial, report)
 
     assert len(grid.replies) == 3 and not any(r.has_error() for r in grid.replies), [
         r.error for r in grid.replies if r.has_error()]
@@ -155,7 +156,7 @@ def test_malformed_updates_are_rejected_logged_and_the_round_goes_on(tmp_path, m
         304: reply_with(wrong_key, 1000),
         305: reply_with(wrong_shape, 1000),
     })
-    result = run_strategy(build_strategy(cfg, report), grid, REFERENCE)
+    result = run_strategy(build_strategy(cfg), grid, REFERENCE, report)
 
     for key, value in result.arrays.to_torch_state_dict().items():
         assert torch.allclose(value, torch.full_like(value, 2.5)), key  # (10*1 + 30*3) / 40
@@ -178,7 +179,7 @@ def test_malformed_updates_are_rejected_logged_and_the_round_goes_on(tmp_path, m
 def test_error_replies_are_recorded_with_their_reason(tmp_path, tiny_models):
     overrides = f"{FAST} {tiny_models.classifier[0]}"
     cfg = load_config({"overrides": overrides, "output-dir": ""})
-    reference = trainable_state(cached_model(cfg))
+    reference = initial_adapter(cfg)
 
     # A real client whose ledger (in its Context) has already spent far more than the budget.
     node_config = {"partition-id": 0, "num-partitions": 3}
@@ -203,7 +204,7 @@ def test_error_replies_are_recorded_with_their_reason(tmp_path, tiny_models):
         406: node_unavailable,
     })
     report = make_report(tmp_path, cfg)
-    result = run_strategy(build_strategy(cfg, report), grid, reference)
+    result = run_strategy(build_strategy(cfg), grid, reference, report)
 
     failures = report.rounds[0]["failures"]
     assert set(failures) == {"node-401", "node-402", "node-403", "node-406"}
@@ -242,7 +243,7 @@ def test_bytes_up_and_down_are_counted_per_round(tmp_path, make_cfg):
         502: reply_with(filled(REFERENCE, 2.0), 10),
         503: reply_with(nan, 10),  # rejected: its bytes arrive but are not counted as an update
     })
-    run_strategy(build_strategy(cfg, report), grid, REFERENCE, rounds=2)
+    run_strategy(build_strategy(cfg), grid, REFERENCE, report, rounds=2)
 
     size = sum(npy_bytes(t) for t in REFERENCE.values())
     assert size > sum(t.numel() * 4 for t in REFERENCE.values())  # payload plus .npy headers
@@ -261,7 +262,7 @@ def test_replies_with_different_metric_keys_are_still_aggregated(tmp_path, make_
     report = make_report(tmp_path, cfg)
     grid = InProcessGrid({1: reply_with(filled(REFERENCE, 1.0), 10),
                           2: reply_with(filled(REFERENCE, 3.0), 30, replayed=1.0)})
-    result = run_strategy(build_strategy(cfg, report), grid, REFERENCE)
+    result = run_strategy(build_strategy(cfg), grid, REFERENCE, report)
     got = result.arrays.to_torch_state_dict()
     assert all(torch.allclose(got[k], REFERENCE[k] + 2.5) for k in REFERENCE)
     assert report.rounds[0]["clients"]["node-2"]["replayed"] == 1.0  # the report keeps everything

@@ -28,7 +28,7 @@ QUIET = "strategy.noise_multiplier=1e-9"  # noise negligible next to the values 
 def dp_strategy(tmp_path, make_cfg, *overrides):
     cfg = make_cfg("strategy=dp-fedavg", *overrides)
     report = RunReport(tmp_path, to_plain(cfg))
-    return build_strategy(cfg, report), report
+    return build_strategy(cfg), report
 
 
 def test_each_update_is_clipped_to_c_and_the_sum_divided_by_the_sample_size(tmp_path, make_cfg):
@@ -39,7 +39,7 @@ def test_each_update_is_clipped_to_c_and_the_sum_divided_by_the_sample_size(tmp_
     grid = InProcessGrid({1: reply_with(filled(REFERENCE, 10.0), 5), 2: reply_with(filled(REFERENCE, 0.01), 500),
                           3: reply_with(nan, 50)})
     strat, report = dp_strategy(tmp_path, make_cfg, "strategy.clip_norm=1.0", QUIET)
-    got = run_strategy(strat, grid, REFERENCE).arrays.to_torch_state_dict()
+    got = run_strategy(strat, grid, REFERENCE, report).arrays.to_torch_state_dict()
 
     clipped_1 = 1.0 / math.sqrt(NUMEL)  # every coordinate of 10 * ones / ||10 * ones||
     want = (clipped_1 + 0.01) / 3  # equal weights: the record counts (5, 500) play no part
@@ -63,7 +63,7 @@ def test_noise_std_is_z_c_over_the_fixed_denominator(tmp_path, make_cfg, overrid
     grid = InProcessGrid({n: reply_with(big, 10) for n in range(1, 5)})  # every update is zero
     strat, report = dp_strategy(tmp_path, make_cfg, "strategy.clip_norm=2.0",
                                 "strategy.noise_multiplier=1.0", *overrides)
-    got = run_strategy(strat, grid, big).arrays.to_torch_state_dict()["lora"].double()
+    got = run_strategy(strat, grid, big, report).arrays.to_torch_state_dict()["lora"].double()
 
     want = 1.0 * 2.0 / denominator
     assert report.rounds[0]["strategy"]["noise_std_on_mean"] == pytest.approx(want)
@@ -87,7 +87,7 @@ def _dp_accounting_epsilon(z: float, q: float, rounds: int, delta: float) -> flo
 def test_user_level_epsilon_matches_dp_accounting(tmp_path, make_cfg, overrides, q):
     grid = InProcessGrid({n: reply_with(filled(REFERENCE, 0.1)) for n in range(1, 5)})
     strat, report = dp_strategy(tmp_path, make_cfg, "strategy.noise_multiplier=1.3", *overrides)
-    run_strategy(strat, grid, REFERENCE, rounds=3)
+    run_strategy(strat, grid, REFERENCE, report, rounds=3)
 
     user = report.summary()["privacy"]["user_level"]
     delta = 1.0 / (10 * 4)
@@ -105,12 +105,13 @@ def test_a_round_that_would_exceed_the_user_level_budget_does_not_run(tmp_path, 
     budget = (one_round + two_rounds) / 2  # room for exactly one round
     strat, report = dp_strategy(tmp_path, make_cfg, "strategy.noise_multiplier=2.0",
                                 f"strategy.epsilon={budget}")
-    run_strategy(strat, grid, REFERENCE, rounds=3)
+    run_strategy(strat, grid, REFERENCE, report, rounds=3)
 
     assert len(grid.sent) == 4  # only round 1 reached the clients
-    assert [r["round"] for r in report.rounds] == [1, 2, 3]
-    for r in report.rounds[1:]:
-        assert "user-level budget" in r["failures"]["server"]
+    # Round 2 is refused by the server and the round loop stops there: no round can ever run again.
+    assert [r["round"] for r in report.rounds] == [1, 2]
+    assert "user-level budget" in report.rounds[1]["failures"]["server"]
+    assert "user-level budget" in report.run["stopped"]
     assert report.summary()["privacy"]["user_level"]["epsilon"] <= budget
 
 
@@ -118,7 +119,7 @@ def test_noise_is_calibrated_from_the_user_level_budget(tmp_path, make_cfg):
     grid = InProcessGrid({n: reply_with(filled(REFERENCE, 0.1)) for n in range(1, 5)})
     strat, report = dp_strategy(tmp_path, make_cfg, "strategy.noise_multiplier=null", "strategy.epsilon=5",
                                 "strategy.sampling=poisson", "strategy.sample_rate=0.5", "rounds=2")
-    run_strategy(strat, grid, REFERENCE, rounds=2)
+    run_strategy(strat, grid, REFERENCE, report, rounds=2)
     user = report.summary()["privacy"]["user_level"]
     assert 4.9 <= user["epsilon"] <= 5.0 + 1e-6
     assert _dp_accounting_epsilon(user["noise_multiplier"], 0.5, 2, 1 / 40) == pytest.approx(5.0, rel=0.03)
@@ -131,7 +132,7 @@ def test_adaptive_clip_norm_moves_toward_the_target_quantile(tmp_path, make_cfg,
     grid = InProcessGrid({n: reply_with(filled(REFERENCE, value)) for n in range(1, 5)})
     strat, report = dp_strategy(tmp_path, make_cfg, "strategy.adaptive=true", "strategy.clip_norm=1.0",
                                 "strategy.noise_multiplier=1e-6", "strategy.clipped_count_stddev=1e-6")
-    run_strategy(strat, grid, REFERENCE, rounds=2)
+    run_strategy(strat, grid, REFERENCE, report, rounds=2)
 
     factor = math.exp(-0.2 * 0.5) if direction == "down" else math.exp(0.2 * 0.5)
     first, second = (r["strategy"] for r in report.rounds)
@@ -145,7 +146,7 @@ def test_adaptive_clipping_spends_part_of_the_noise_on_the_count(tmp_path, make_
     grid = InProcessGrid({n: reply_with(filled(REFERENCE, 0.0)) for n in range(1, 5)})
     strat, report = dp_strategy(tmp_path, make_cfg, "strategy.adaptive=true", "strategy.noise_multiplier=1.0",
                                 "strategy.clipped_count_stddev=2.0")
-    run_strategy(strat, grid, REFERENCE)
+    run_strategy(strat, grid, REFERENCE, report)
     z_update = (1.0 ** -2 - 4.0 ** -2) ** -0.5  # Andrew et al.: (z^-2 - (2 sigma_b)^-2)^-1/2
     user = report.summary()["privacy"]["user_level"]
     assert user["update_noise_multiplier"] == pytest.approx(z_update)
@@ -186,7 +187,7 @@ def test_sampled_clients_follow_the_configured_poisson_rate(tmp_path, make_cfg):
     grid = InProcessGrid({n: reply_with(filled(REFERENCE, 0.0)) for n in range(1, 41)})
     strat, report = dp_strategy(tmp_path, make_cfg, "strategy.sampling=poisson", "strategy.sample_rate=0.25",
                                 "strategy.min_available_clients=40")
-    run_strategy(strat, grid, REFERENCE, rounds=5)
+    run_strategy(strat, grid, REFERENCE, report, rounds=5)
     sampled = [r["strategy"]["sampled"] for r in report.rounds]
     assert all(r["strategy"]["denominator"] == 10.0 for r in report.rounds)  # q N, not the realised count
     assert len(set(sampled)) > 1  # independent inclusion: the sample size varies
@@ -196,7 +197,7 @@ def test_sampled_clients_follow_the_configured_poisson_rate(tmp_path, make_cfg):
 def test_progress_line_shows_the_user_level_epsilon(tmp_path, make_cfg):
     grid = InProcessGrid({n: reply_with(filled(REFERENCE, 0.1)) for n in range(1, 3)})
     strat, report = dp_strategy(tmp_path, make_cfg, "strategy.noise_multiplier=2.0")
-    run_strategy(strat, grid, REFERENCE)
+    run_strategy(strat, grid, REFERENCE, report)
     report.record_eval(1, {"balanced_accuracy": 0.5})
     eps = report.summary()["privacy"]["user_level"]["epsilon"]
     assert f"user epsilon={eps:.3f}" in report.progress_line(1, 1)

@@ -27,7 +27,7 @@ REFERENCE = {A: torch.zeros(2, 4), B: torch.zeros(4, 2), "head": torch.zeros(3)}
 def strategy_for(tmp_path, make_cfg, *overrides):
     cfg = make_cfg(*overrides)
     report = RunReport(tmp_path, to_plain(cfg))
-    return build_strategy(cfg, report), report
+    return build_strategy(cfg), report
 
 
 def test_krum_selects_the_update_closest_to_its_neighbours(tmp_path, make_cfg):
@@ -36,7 +36,7 @@ def test_krum_selects_the_update_closest_to_its_neighbours(tmp_path, make_cfg):
     values = {401: 1.0, 402: 1.05, 403: 1.1, 404: 0.9, 405: 50.0}
     grid = InProcessGrid({n: reply_with(filled(REFERENCE, v), 10 * i + 10) for i, (n, v) in enumerate(values.items())})
     strategy, report = strategy_for(tmp_path, make_cfg, "strategy=krum", "strategy.num_malicious=1")
-    result = run_strategy(strategy, grid, REFERENCE)
+    result = run_strategy(strategy, grid, REFERENCE, report)
 
     for key, value in result.arrays.to_torch_state_dict().items():
         assert torch.equal(value, torch.full_like(value, 1.05)), key  # exactly node 402's adapter
@@ -48,7 +48,7 @@ def test_multi_krum_default_averages_the_n_minus_f_best(tmp_path, make_cfg):
     weights = {401: 10, 402: 20, 403: 30, 404: 40, 405: 1000}
     grid = InProcessGrid({n: reply_with(filled(REFERENCE, v), weights[n]) for n, v in values.items()})
     strategy, report = strategy_for(tmp_path, make_cfg, "strategy=multi-krum", "strategy.num_malicious=1")
-    result = run_strategy(strategy, grid, REFERENCE)
+    result = run_strategy(strategy, grid, REFERENCE, report)
 
     expected = (10 * 1.0 + 20 * 1.05 + 30 * 1.1 + 40 * 0.9) / 100  # the attacker's weight is gone
     for key, value in result.arrays.to_torch_state_dict().items():
@@ -109,7 +109,7 @@ def test_every_strategy_rejects_malformed_updates_and_goes_on(tmp_path, make_cfg
     extra = ["strategy.noise_multiplier=1e-9", "strategy.clip_norm=100"] if name == "dp-fedavg" else []
     strat, report = strategy_for(tmp_path, make_cfg, f"strategy={name}", *extra)
     with LogRecords() as logs:
-        result = run_strategy(strat, InProcessGrid(nodes), REFERENCE)
+        result = run_strategy(strat, InProcessGrid(nodes), REFERENCE, report)
 
     entry = report.rounds[0]
     assert set(entry["failures"]) == {f"node-{n}" for n in bad}
@@ -157,7 +157,7 @@ def test_krum_keeps_one_clients_product_exactly(tmp_path, make_cfg):
     clients.append({A: torch.full((2, 4), 30.0), B: torch.full((4, 2), -30.0), "head": torch.zeros(3)})
     grid = InProcessGrid({800 + i: reply_with(c) for i, c in enumerate(clients)})
     strat, report = strategy_for(tmp_path, make_cfg, "strategy=krum")
-    got = run_strategy(strat, grid, REFERENCE).arrays.to_torch_state_dict()
+    got = run_strategy(strat, grid, REFERENCE, report).arrays.to_torch_state_dict()
     chosen = int(report.rounds[0]["strategy"]["selected"][0].split("-")[1]) - 800
     assert chosen != 4
     assert torch.equal(got[B] @ got[A], clients[chosen][B] @ clients[chosen][A])
@@ -175,7 +175,7 @@ def test_ffa_robust_statistics_of_b_give_the_update_of_that_statistic(tmp_path, 
                 for k, v in initial.items()} for _ in range(4)]
     clients.append({k: v + 5.0 for k, v in initial.items()})  # an attacker
     grid = InProcessGrid({900 + i: reply_with(c) for i, c in enumerate(clients)})
-    strat = build_strategy(cfg, RunReport(tmp_path, to_plain(cfg)))
+    strat = build_strategy(cfg)
     got = run_strategy(strat, grid, initial).arrays.to_torch_state_dict()
     load_trainable_state(model, got)
 

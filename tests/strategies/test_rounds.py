@@ -23,10 +23,15 @@ BUDGET = error_reply(Refusal.BUDGET, "privacy budget exhausted: epsilon would re
 def run(tmp_path, make_cfg, handlers, rounds: range, minimum: int = 2):
     cfg = make_cfg(f"strategy.min_train_clients={minimum}", "strategy.min_available_clients=1")
     report = RunReport(tmp_path, to_plain(cfg))
-    strategy = build_strategy(cfg, report)
+    strategy = build_strategy(cfg)
     done: list[int] = []
+
+    def after_round(server_round, _, outcome):
+        done.append(server_round)
+        report.record_round(outcome)
+
     final = run_rounds(strategy, InProcessGrid(handlers), ArrayRecord(REFERENCE), rounds,
-                       ConfigRecord({"study-id": "s"}), 10.0, lambda r, _: done.append(r))
+                       ConfigRecord({"study-id": "s"}), 10.0, after_round)
     return report, strategy, done, final.to_torch_state_dict()
 
 

@@ -78,9 +78,9 @@ def run(tmp_path, make_cfg, grid, *overrides, rounds: int = 1):
         states[server_round] = state
         return {"loss": 0.0}
 
-    dp = user_level_dp(cfg, report) if cfg.strategy.name == "dp-fedavg" else None
+    dp = user_level_dp(cfg) if cfg.strategy.name == "dp-fedavg" else None
     run_secagg(grid, Context(run_id=7, node_id=0, node_config={}, state=RecordDict(), run_config={}),
-               cfg, report, INITIAL, evaluate_state, dp, "study")
+               cfg, INITIAL, evaluate_state, report.record_round, dp, "study")
     return report, states
 
 

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from fed_dp_lora.privacy.audit import epsilon_lower_bound, guesses, p_value
+from fed_dp_lora.audit.bounds import epsilon_lower_bound, guesses, p_value
 
 
 def test_all_guesses_correct_matches_the_closed_form():

@@ -1,4 +1,4 @@
-"""The auditor's side of the one-run privacy audit (maths in privacy/audit.py).
+"""The auditor's side of the one-run privacy audit (maths in audit/bounds.py).
 
 The server knows the canaries and their secret coins (both from audit.seed). A canary's
 membership score is how much its loss fell between the initial and the final global
@@ -17,10 +17,10 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
+from fed_dp_lora.audit.bounds import epsilon_lower_bound, guesses
 from fed_dp_lora.central import CentralEvaluator
 from fed_dp_lora.data.canaries import canary_table, canary_words, included_canaries
 from fed_dp_lora.models import load_tokenizer
-from fed_dp_lora.privacy.audit import epsilon_lower_bound, guesses
 from fed_dp_lora.training import encode
 
 
