@@ -108,7 +108,10 @@ def test_summary_rounds_privacy_and_communication(simulation):
         assert 0 < eps[0] < eps[1] <= budget * (1 + 1e-9), (name, eps)
         assert privacy["epsilon"][name] == eps[-1]
         per_round = [r["clients"][name]["steps"] for r in rounds]
-        assert privacy["steps"][name] == sum(per_round)
+        # The ledger's total also counts the linear probe's feature mean: one Gaussian release,
+        # charged once per study (probe.center=true under DP), beside the DP-SGD steps.
+        mean_release = 1 if simulation.recipe == "linear-probe" else 0
+        assert privacy["steps"][name] == sum(per_round) + mean_release
 
     comm = s["communication"]
     assert [p["round"] for p in comm["per_round"]] == list(range(1, ROUNDS + 1))
