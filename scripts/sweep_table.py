@@ -92,6 +92,12 @@ def verdicts(agg: dict[tuple, dict], task: str) -> list[str]:
             d_ba, d_auc = diff(ours[eps], ours["off"])
             out.append(f"- {task}, the price of ε = {eps} against our own non-private federated run: "
                        f"balanced accuracy {d_ba:+.1f} points, AUC {d_auc:+.1f} points.")
+    for mode in ("vanilla", "ffa"):
+        lora = agg.get(("lora", task, "8", "lora", mode))
+        if lora and ours["8"]:
+            d_ba, d_auc = diff(lora, ours["8"])
+            out.append(f"- {task}, recipe=lora ({mode}) at ε = 8 against the default recipe: balanced accuracy "
+                       f"{d_ba:+.1f} points, AUC {d_auc:+.1f} points ({lora['seeds']} seed(s)).")
     skew = agg.get(("skew", task, "8", "linear-probe", ""))
     if skew and ours["8"]:
         d_ba, d_auc = diff(skew, ours["8"])
