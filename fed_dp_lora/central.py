@@ -11,11 +11,14 @@ import torch
 from accelerate.utils import find_executable_batch_size
 from omegaconf import DictConfig
 
+from fed_dp_lora.advice import length_report
 from fed_dp_lora.config import ConfigError
 from fed_dp_lora.data import holdout_split, label_names, load_table
 from fed_dp_lora.files import write_dir_atomic
-from fed_dp_lora.models import build_model, load_tokenizer, load_trainable_state, trainable_state
-from fed_dp_lora.training import Encoded, encode, evaluate, majority_baseline, record_losses
+from fed_dp_lora.models import build_model, cache_dir, load_tokenizer, load_trainable_state, trainable_state
+from fed_dp_lora.probe import LinearProbe
+from fed_dp_lora.probe.features import cached_features
+from fed_dp_lora.training import Encoded, classification_metrics, encode, evaluate, majority_baseline, record_losses
 
 T = TypeVar("T")
 
@@ -67,12 +70,21 @@ class CentralEvaluator:
 
     def __init__(self, cfg: DictConfig) -> None:
         self.cfg = cfg
+        self.length_info: str | None = None
+        self.length_warning: str | None = None
         classification = cfg.model.task == "classification"
         self.num_labels = len(label_names(cfg)) if classification else None
         self.model = build_model(cfg, self.num_labels)
         self.batch_size = eval_batch_size(cfg.eval.batch_size, next(self.model.parameters()).device)
         table = central_test_table(cfg)
-        self.test = encode(table, load_tokenizer(cfg), cfg)
+        tokenizer = load_tokenizer(cfg)
+        self.test = encode(table, tokenizer, cfg)
+        if classification:
+            lengths = np.array([len(ids) for ids in tokenizer(list(table["text"]), verbose=False)["input_ids"]])
+            self.length_info, self.length_warning = length_report(lengths, int(cfg.train.max_length))
+        # The linear probe's head is evaluated on the test set's cached features (the server's own).
+        self.test_features = cached_features(self.model, self.test, cache_dir() / "features") \
+            if isinstance(self.model, LinearProbe) else None
         self.majority = None
         if classification:
             labels = self.test.labels.numpy()
@@ -85,6 +97,11 @@ class CentralEvaluator:
 
     def evaluate(self, state: dict[str, torch.Tensor]) -> dict[str, float]:
         load_trainable_state(self.model, state)
+        if self.test_features is not None:
+            assert isinstance(self.model, LinearProbe)  # test features exist for the linear probe only
+            with torch.no_grad():
+                logits = self.model.classifier(self.test_features.to(self.model.classifier.weight.device))
+            return classification_metrics(self.test.labels.numpy(), torch.softmax(logits.float(), -1).cpu().numpy())
         return self._batched(lambda batch_size: evaluate(self.model, self.test, batch_size))
 
     def losses(self, state: dict[str, torch.Tensor], data: Encoded) -> np.ndarray:

@@ -26,8 +26,9 @@ from omegaconf import DictConfig, OmegaConf
 from fed_dp_lora.data import client_partition, holdout_split, label_names, load_table
 from fed_dp_lora.data.canaries import canary_words, client_canaries
 from fed_dp_lora.files import write_atomic
-from fed_dp_lora.models import ModelSpec, build, load_tokenizer
+from fed_dp_lora.models import ModelSpec, build, cache_dir, load_tokenizer
 from fed_dp_lora.node_policy import NodePolicy, PolicyError
+from fed_dp_lora.probe.features import cached_features
 from fed_dp_lora.training import Encoded, encode, plan_steps
 
 log = logging.getLogger(__name__)
@@ -98,7 +99,7 @@ def model_spec(cfg: DictConfig) -> ModelSpec:
 
 
 def cached_model(cfg: DictConfig) -> torch.nn.Module:
-    """The process-wide LoRA model for this configuration, keyed by exactly what builds it.
+    """The process-wide model (linear probe or LoRA) for this configuration, keyed by what builds it.
 
     It is a working copy: every round loads the incoming global adapter into it first, and
     configurations that build the same model share it.
@@ -114,9 +115,10 @@ def _assigned_canaries(cfg: DictConfig, partition: tuple[int, int] | None) -> in
 
 
 @lru_cache(maxsize=64)
-def _cached_table(spec: TableSpec, data_path: str | None,
-                  partition: tuple[int, int] | None) -> tuple[Encoded, str, int]:
-    """(tokens, what was dropped as JSON, how many records came from the data before canaries)."""
+def _cached_table(spec: TableSpec, data_path: str | None, partition: tuple[int, int] | None,
+                  version: str = "") -> tuple[Encoded, str, int]:
+    """(tokens, what was dropped as JSON, how many records came from the data before canaries).
+    `version` (the file's size and time) keeps a process from reusing an edited file's tokens."""
     cfg = spec.config()
     if data_path is not None:
         table = load_table(cfg, path=data_path)  # deployment: the institution's whole file
@@ -175,8 +177,16 @@ def _disk_cached(spec: TableSpec, policy: NodePolicy) -> tuple[Encoded, str, int
             return Encoded(**saved["encoded"]), saved["dropped"], int(saved["real"])
         except Exception as err:  # a damaged cache is rebuilt, never trusted
             log.warning("token cache %s unreadable (%s); tokenizing again", cache, err)
-    encoded, dropped, real = _cached_table(spec, policy.data_path, policy.partition)
+    encoded, dropped, real = _cached_table(spec, policy.data_path, policy.partition, version)
     Path(str(policy.state_dir)).mkdir(parents=True, exist_ok=True)
     write_atomic(cache, lambda handle: torch.save({"encoded": asdict(encoded), "dropped": dropped, "real": real},
                                                   handle))
     return encoded, dropped, real
+
+
+def client_features(cfg: DictConfig, policy: NodePolicy, data: ClientData, model: torch.nn.Module) -> torch.Tensor:
+    """The linear probe's features of this client's records, cached where the records live: the
+    institution's state dir in deployment (never sent), the user cache dir for simulated clients
+    (partitions of a public data set)."""
+    folder = Path(str(policy.state_dir)) if policy.deployment and policy.state_dir else cache_dir() / "features"
+    return cached_features(model, data.encoded, folder, slots=data.records)  # type: ignore[arg-type]

@@ -23,13 +23,16 @@ from omegaconf import DictConfig
 
 from fed_dp_lora import local_log, reply
 from fed_dp_lora.audit.release import release_canaries
-from fed_dp_lora.client_data import ClientData, cached_model, client_data
+from fed_dp_lora.client_data import ClientData, cached_model, client_data, client_features
 from fed_dp_lora.models import load_trainable_state, trainable_state
 from fed_dp_lora.node_policy import NodePolicy, PolicyError, apply_node_config, resolve_delta, simulation_state_dir
 from fed_dp_lora.privacy.engine import GradientEngine, PrivateGradientEngine
 from fed_dp_lora.privacy.institution_ledger import InstitutionLedger, Plan, Request
 from fed_dp_lora.privacy.ledger_store import InstitutionState, reconcile, state_digest
 from fed_dp_lora.privacy.streams import StreamKey, institution_secret, model_seed, round_generators, simulation_secret
+from fed_dp_lora.probe import LinearProbe, centring
+from fed_dp_lora.probe.centring import centred_head, fold_into
+from fed_dp_lora.probe.training import train_head
 from fed_dp_lora.training import TrainStats, train_local
 
 log = logging.getLogger(__name__)
@@ -136,6 +139,8 @@ def _locked_round(cfg: DictConfig, policy: NodePolicy, request: RoundRequest, st
     data = client_data(cfg, policy)
     model = cached_model(cfg)
     load_trainable_state(model, request.global_state)
+    if cfg.train.method == "linear-probe":
+        return _probe_round(cfg, policy, request, store, ledger, data, model, digest, loaded)
     plan = _plan(cfg, policy, data, ledger, study) if cfg.privacy.enabled else None
     engine = _engine(cfg, model, data, plan, store, request, digest)
     trained = time.perf_counter()
@@ -150,7 +155,43 @@ def _locked_round(cfg: DictConfig, policy: NodePolicy, request: RoundRequest, st
                     stats, local)
 
 
-def _plan(cfg: DictConfig, policy: NodePolicy, data: ClientData, ledger: InstitutionLedger, study: str) -> Plan:
+def _probe_round(cfg: DictConfig, policy: NodePolicy, request: RoundRequest, store: InstitutionState | None,
+                 ledger: InstitutionLedger, data: ClientData, model: torch.nn.Module, digest: str,
+                 loaded: float) -> Released:
+    """The linear probe: DP-SGD on the head over cached features, centred on the client's own
+    feature mean, which under DP is a Gaussian-mechanism release charged in this round's plan
+    (once per study and data version) and kept in the state dir, never sent."""
+    assert isinstance(model, LinearProbe)  # train.method=linear-probe builds one (models.build)
+    study = request.study or ""
+    features = client_features(cfg, policy, data, model)
+    centre = centring.kept(cfg, store, ledger, study, features)
+    charge = centring.charge(cfg) if centre is None else ()
+    plan = _plan(cfg, policy, data, ledger, study, charge) if cfg.privacy.enabled else None
+    sampling, noise = _streams(cfg, data, store, request, digest, model.classifier.weight.device)
+    if centre is None:
+        centre = centring.compute(cfg, features, data.records, noise)
+    head = centred_head(model.classifier, centre.mean)
+    rate, steps = data.plan(cfg)
+    engine: GradientEngine = GradientEngine(head, rate * data.records) if plan is None else \
+        PrivateGradientEngine(head, rate * data.records, float(cfg.privacy.clip_norm), plan.terms.noise,
+                              generator=noise)
+    trained = time.perf_counter()
+    try:
+        stats = train_head(engine, features - centre.mean, data.encoded.labels, cfg, rate, steps,
+                           _class_weights(cfg, model), generator=sampling, slots=data.records)
+    finally:
+        engine.detach()
+    fold_into(model.classifier, head, centre.mean)
+    local = {"load-seconds": trained - loaded, "train-seconds": time.perf_counter() - trained,
+             **_round_facts(data, stats, engine), "feature-mean-charged": bool(charge)}
+    released = _persist(store, ledger, plan, request, digest, trainable_state(model), data, rate, stats, local)
+    if charge and store is not None:
+        centring.keep(store, study, centre)  # after the ledger holds its charge, never before
+    return released
+
+
+def _plan(cfg: DictConfig, policy: NodePolicy, data: ClientData, ledger: InstitutionLedger, study: str,
+          extra: tuple = ()) -> Plan:
     """The study's terms and this round's cost, checked against both budgets (BudgetExceeded)."""
     rate, steps = data.plan(cfg)
     delta = resolve_delta(cfg, policy, data.records)
@@ -162,20 +203,15 @@ def _plan(cfg: DictConfig, policy: NodePolicy, data: ClientData, ledger: Institu
         study_budget=None if p.epsilon is None else float(p.epsilon),
         lifetime_budget=policy.lifetime_epsilon,
         lifetime_delta=policy.max_delta if policy.max_delta is not None else delta,
+        extra=extra,
     ))
 
 
 def _engine(cfg: DictConfig, model: torch.nn.Module, data: ClientData, plan: Plan | None,
             store: InstitutionState | None, request: RoundRequest, digest: str) -> GradientEngine:
     """DP-SGD (or the non-private baseline) with this attempt's own random streams."""
-    secret = _secret(cfg, data, store, request)
     device = next(p for p in model.parameters() if p.requires_grad).device
-    sampling = noise = None
-    if secret is not None:
-        attempt = store.next_attempt(request.study or "", request.server_round) if store is not None else 0
-        key = StreamKey(secret, request.server_round, digest, attempt)
-        sampling, noise = round_generators(key, device)
-        torch.manual_seed(model_seed(key))  # dropout
+    sampling, noise = _streams(cfg, data, store, request, digest, device)
     rate, _ = data.plan(cfg)
     # The release audit's canaries: records of the audited client only (its slot is its opt-in).
     canaries = release_canaries(cfg, data.policy.partition, model, rate, sampling)
@@ -186,6 +222,18 @@ def _engine(cfg: DictConfig, model: torch.nn.Module, data: ClientData, plan: Pla
                                        plan.terms.noise, generator=noise, extra=canaries)
     engine.sampling = sampling
     return engine
+
+
+def _streams(cfg: DictConfig, data: ClientData, store: InstitutionState | None, request: RoundRequest,
+             digest: str, device: torch.device) -> tuple[torch.Generator | None, torch.Generator | None]:
+    """This attempt's (sampling, noise) generators; (None, None): fresh OS entropy."""
+    secret = _secret(cfg, data, store, request)
+    if secret is None:
+        return None, None
+    attempt = store.next_attempt(request.study or "", request.server_round) if store is not None else 0
+    key = StreamKey(secret, request.server_round, digest, attempt)
+    torch.manual_seed(model_seed(key))  # dropout
+    return round_generators(key, device)
 
 
 def _secret(cfg: DictConfig, data: ClientData, store: InstitutionState | None,

@@ -12,7 +12,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from omegaconf import DictConfig
@@ -29,6 +29,9 @@ from transformers import (
 
 from fed_dp_lora.config import ConfigError
 from fed_dp_lora.console import drop_opacus_root_handler, quiet_loading, without_peft_deprecation_notice
+
+if TYPE_CHECKING:
+    from fed_dp_lora.probe import LinearProbe
 
 log = logging.getLogger(__name__)
 drop_opacus_root_handler()  # every process that trains or evaluates imports this module
@@ -99,6 +102,7 @@ class ModelSpec:
     device: str
     gradient_checkpointing: bool
     num_labels: int | None
+    method: str  # train.method: linear-probe builds a LinearProbe on the base, lora a PEFT model
 
     @classmethod
     def of(cls, cfg: DictConfig, num_labels: int | None) -> ModelSpec:
@@ -107,7 +111,8 @@ class ModelSpec:
         targets = lora.target_modules if lora.target_modules is not None else m.lora_targets
         return cls(m.name, m.task, m.quantization, m.pooling, m.keep_layers,
                    targets if isinstance(targets, str) else tuple(targets), lora.r, lora.alpha, lora.dropout,
-                   lora.mode, lora.init_seed, cfg.train.device, cfg.train.gradient_checkpointing, num_labels)
+                   lora.mode, lora.init_seed, cfg.train.device, cfg.train.gradient_checkpointing, num_labels,
+                   cfg.train.method)
 
 
 def model_source(cfg: DictConfig) -> str:
@@ -339,8 +344,13 @@ def add_lora(model: PreTrainedModel, spec: ModelSpec) -> PeftModel:
     return peft_model
 
 
-def build(spec: ModelSpec) -> PeftModel:
-    """The LoRA model described by spec (cached per process by client_data.cached_model)."""
+def build(spec: ModelSpec) -> PeftModel | LinearProbe:
+    """The model spec.method trains: a LinearProbe (frozen encoder and head) or a PEFT LoRA model
+    (cached per process by client_data.cached_model)."""
+    if spec.method == "linear-probe":
+        from fed_dp_lora.probe import build_probe  # the probe package imports this module
+
+        return build_probe(spec)
     model = add_lora(load_base(spec), spec)
     if spec.gradient_checkpointing:
         # Non-reentrant: needs no input that requires grad (the base is frozen), and the fused
@@ -349,8 +359,8 @@ def build(spec: ModelSpec) -> PeftModel:
     return model
 
 
-def build_model(cfg: DictConfig, num_labels: int | None) -> PeftModel:
-    """The LoRA model for this configuration (the server's evaluation model, tests)."""
+def build_model(cfg: DictConfig, num_labels: int | None) -> PeftModel | LinearProbe:
+    """The model this configuration trains (the server's evaluation model, tests)."""
     return build(ModelSpec.of(cfg, num_labels))
 
 

@@ -20,6 +20,7 @@ from flwr.serverapp import Grid
 from omegaconf import DictConfig
 
 from fed_dp_lora import checkpoint
+from fed_dp_lora.advice import majority_warning
 from fed_dp_lora.audit.canary import CanaryAudit
 from fed_dp_lora.audit.release import ReleaseAudit
 from fed_dp_lora.central import CentralEvaluator
@@ -64,6 +65,9 @@ class ServerRun:
         self.report.majority_baseline = self.central.majority
         if self.central.majority:
             log(INFO, "Majority-class baseline on the central test set: %s", self.central.majority)
+        if self.central.length_info:
+            log(WARNING if self.central.length_warning else INFO,
+                self.central.length_warning or self.central.length_info)
         self.final: State = dict(self.initial)  # the last global adapter: what the canary audit reads
 
     def execute(self, grid: Grid, context: Context) -> None:
@@ -90,10 +94,18 @@ class ServerRun:
                                                      "save": time.perf_counter() - evaluated_at})
             if metrics is not None:
                 self.report.record_eval(server_round, metrics)
+                self._warn_majority(server_round, metrics)
             self.report.write()
             self.tracker.log_round(self.report.rounds[-1])
             log(INFO, self.report.progress_line(server_round, self.rounds))
         return metrics
+
+    def _warn_majority(self, server_round: int, metrics: dict[str, float]) -> None:
+        """Tell the operator, with what to change, when the global model predicts one class only."""
+        labels = self.central.num_labels
+        warning = majority_warning(self.cfg, metrics, labels) if labels else None
+        if warning:
+            log(WARNING, "fed-dp-lora: round %d: %s", server_round, warning)
 
     def record(self, outcome: RoundOutcome) -> None:
         """What the aggregator returned for a round goes into the report (and the release audit's result)."""

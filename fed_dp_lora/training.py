@@ -174,10 +174,17 @@ class TrainStats:
     mean_loss: float
 
 
+def learning_rate(cfg: DictConfig) -> float:
+    """train.lr, or (null) the data source's rate for the run's privacy setting (data.lr)."""
+    if cfg.train.lr is not None:
+        return float(cfg.train.lr)
+    return float(cfg.data.lr.private if cfg.privacy.enabled else cfg.data.lr.non_private)
+
+
 def make_optimizer(params: list[nn.Parameter], cfg: DictConfig) -> torch.optim.Optimizer:
     if cfg.train.optimizer == "adam":
-        return torch.optim.Adam(params, lr=float(cfg.train.lr))
-    return torch.optim.SGD(params, lr=float(cfg.train.lr), momentum=0.9)
+        return torch.optim.Adam(params, lr=learning_rate(cfg))
+    return torch.optim.SGD(params, lr=learning_rate(cfg), momentum=0.9)
 
 
 def train_local(

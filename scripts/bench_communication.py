@@ -33,7 +33,7 @@ TRAIN = ("model.keep_layers=1 model.pooling=mean train.max_length=32 rounds=3 tr
 
 
 def sizes(lora: str) -> dict[str, int]:
-    model = cached_model(load_config({"overrides": f"lora={lora}"}))
+    model = cached_model(load_config({"overrides": f"recipe=lora lora={lora}"}))
     adapter = trainable_state(model)
     full = {n: p.detach().float() for n, p in model.named_parameters()}
     return {"adapter": payload_bytes(ArrayRecord(adapter)),

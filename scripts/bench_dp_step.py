@@ -103,7 +103,7 @@ def child_argv(args: argparse.Namespace, variant: str) -> list[str]:
 
 
 def setup(args: argparse.Namespace):
-    overrides = [f"lora={args.lora}", f"model.quantization={args.quantization}",
+    overrides = ["recipe=lora", f"lora={args.lora}", f"model.quantization={args.quantization}",
                  f"train.max_length={args.seq}", f"train.device={args.device}"]
     if args.keep_layers is not None:
         overrides.append(f"model.keep_layers={args.keep_layers}")

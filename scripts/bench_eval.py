@@ -41,7 +41,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     sizes = sorted({int(s) for s in args.sizes.split(",")} | {BASELINE, CPU_EVAL_BATCH})
 
-    cfg = compose_config(args.overrides.split())
+    cfg = compose_config(["recipe=lora", *args.overrides.split()])  # the LoRA model's forward is what it times
     validate(cfg)
     central = CentralEvaluator(cfg)  # the server's own model and test records
     model, data = central.model, central.test

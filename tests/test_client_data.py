@@ -13,7 +13,8 @@ def test_model_spec_follows_what_the_builder_reads(tiny_cfg):
     base = ModelSpec.of(tiny_cfg(), 2)
     # settings the model builder never reads leave the key (and the cached model) alone
     assert ModelSpec.of(tiny_cfg("train.lr=0.1", "data.test_fraction=0.3", "privacy.epsilon=2"), 2) == base
-    for override in ("lora.r=4", "lora=ffa", "lora.init_seed=1", "model.pooling=cls", "model.keep_layers=1",
+    for override in ("recipe=linear-probe", "lora.r=4", "lora=ffa", "lora.init_seed=1", "model.pooling=cls",
+                     "model.keep_layers=1",
                      "train.gradient_checkpointing=true", "lora.target_modules=[query]"):
         assert ModelSpec.of(tiny_cfg(override), 2) != base, override
     assert ModelSpec.of(tiny_cfg(), 3) != base  # the head's size

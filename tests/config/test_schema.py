@@ -9,14 +9,14 @@ import pytest
 
 from fed_dp_lora.config import ConfigError, compose, compose_config, validate
 from fed_dp_lora.config.audit import AuditConfig, ReleaseAuditConfig
-from fed_dp_lora.config.data import DataConfig
+from fed_dp_lora.config.data import DataConfig, LearningRates
 from fed_dp_lora.config.fields import Group
 from fed_dp_lora.config.keys import walk
 from fed_dp_lora.config.lora import AdapterConfig
 from fed_dp_lora.config.model import ModelConfig
 from fed_dp_lora.config.privacy import PrivacyConfig
 from fed_dp_lora.config.root import RunConfig
-from fed_dp_lora.config.sections import AttackConfig, EvalConfig, SecAggPlusConfig, TrainConfig
+from fed_dp_lora.config.sections import AttackConfig, EvalConfig, ProbeConfig, SecAggPlusConfig, TrainConfig
 from fed_dp_lora.config.strategy import SCHEMAS, DpFedAvgConfig, KrumConfig, StrategyConfig, TrimmedMeanConfig
 
 CONF = compose.CONF_DIR
@@ -35,13 +35,15 @@ def _refused(group: Group) -> str:
 @pytest.mark.parametrize("group, name", PRESETS, ids=[f"{g}={n}" for g, n in PRESETS])
 def test_every_yaml_preset_composes_and_validates(group, name):
     prefix = "+" if group == "preset" else ""
-    run = validate(compose_config([f"{prefix}{group}={name}"]))
+    # The default recipe trains a classification head; a causal-lm model needs recipe=lora.
+    recipe = ["recipe=lora"] if (group, name) == ("model", "smollm2") else []
+    run = validate(compose_config([f"{prefix}{group}={name}", *recipe]))
     if group == "strategy":
         assert type(run.strategy) is SCHEMAS[name] and run.strategy.name == name
 
 
 def test_presets_cover_every_group():
-    assert {g for g, _ in PRESETS} == {"model", "data", "lora", "privacy", "strategy", "preset"}
+    assert {g for g, _ in PRESETS} == {"model", "data", "lora", "privacy", "strategy", "preset", "recipe"}
 
 
 def test_values_arrive_with_their_declared_types():
@@ -59,7 +61,8 @@ def test_values_arrive_with_their_declared_types():
 def test_every_group_default_passes_its_own_checks():
     model = ModelConfig(name="minilm", lora_targets=["query"])
     for group in (model, DataConfig(), AdapterConfig(), PrivacyConfig(), TrainConfig(), EvalConfig(),
-                  SecAggPlusConfig(), AttackConfig(), AuditConfig(), *(s(name=n) for n, s in SCHEMAS.items())):
+                  SecAggPlusConfig(), AttackConfig(), AuditConfig(), ProbeConfig(),
+                  *(s(name=n) for n, s in SCHEMAS.items())):
         group.validate()
 
 
@@ -77,6 +80,11 @@ def test_every_group_default_passes_its_own_checks():
         (DataConfig(source="hub"), "data.name: is missing"),
         (DataConfig(partitioner="column"), "data.partition_column: is missing"),
         (TrainConfig(max_length=4), "train.max_length: must be >= 8"),
+        (TrainConfig(method="finetune"), "train.method: unknown value 'finetune'. Fix: use one of linear-probe, lora"),
+        (TrainConfig(lr=0.0), "train.lr: must be > 0"),
+        (DataConfig(lr=LearningRates(private=0.0)), "data.lr.private: must be > 0"),
+        (DataConfig(max_length=4), "data.max_length: must be >= 8"),
+        (ProbeConfig(center_clip=0.0), "probe.center_clip: must be > 0"),
         (EvalConfig(batch_size=True), "eval.batch_size: True is neither auto nor"),
         (SecAggPlusConfig(num_shares=1), "secaggplus.num_shares: 1 is neither a fraction"),
         (AttackConfig(fraction=1.0), "attack.fraction: 1.0 is not in [0, 1)"),

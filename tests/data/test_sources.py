@@ -292,3 +292,21 @@ def test_hub_source_loads_a_dataset_folder_offline(make_cfg, tmp_path):
     table = load_table(cfg)
     assert list(table["text"]) == ["late payments", "paid early"]
     assert list(table["label"]) == [1, 0]
+
+
+# --- the packaged reviews (modeldata small_fine_foods) ----------------------------------------
+
+
+def test_reviews_load_offline_with_the_publishers_split():
+    from fed_dp_lora.data import holdout_split
+    from fed_dp_lora.data.sources import REVIEW_LABELS
+
+    cfg = compose_config(["+preset=tiny", "data=reviews"])
+    validate(cfg)
+    table = load_table(cfg)
+    assert len(table) == 5000 and {"text", "label", "split"} <= set(table.columns)
+    assert label_names(cfg) == list(REVIEW_LABELS) == ["great", "other"]
+    train, test = holdout_split(table, cfg)
+    assert (len(train), len(test)) == (4000, 1000)
+    assert (test["label"] == 1).sum() == 342 and (train["label"] == 1).sum() == 1400  # "other"
+    assert train["text"].str.len().min() > 0

@@ -1,67 +1,83 @@
-"""scripts/sweep.py: the grid it runs and the tables and plot it generates from results.csv."""
+"""scripts/sweep.py: the grid it runs, and the results page it generates from results.csv."""
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "sweep.py"
+SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
 
 
 @pytest.fixture(scope="module")
 def sweep():
-    spec = importlib.util.spec_from_file_location("sweep", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    sys.path.insert(0, str(SCRIPTS))
+    import sweep as module
+    import sweep_table
+
+    yield module, sweep_table
+    sys.path.remove(str(SCRIPTS))
 
 
 def args(**kw):
-    base = dict(seeds=3, epsilons=["1", "2", "4", "8", "off"], ranks=[4, 8, 16], skew_epsilons=["8", "off"])
+    base = dict(tasks=["credit", "reviews"], seeds=3, epsilons=["1", "4", "8", "off"], skew_epsilons=["8", "off"],
+                groups=["federated", "centralized", "skew", "lora", "baseline"], lora_epsilons=["8", "off"],
+                lora_seeds=1, base="BASE", out=Path("."))
     return argparse.Namespace(**{**base, **kw})
 
 
-def test_grid_is_the_issue_grid(sweep):
-    cells = sweep.cells(args())
-    main = [c for c in cells if c["group"] == "main"]
-    assert len(main) == 5 * 2 * 2 * 3 * 3
-    assert len(cells) - len(main) == 2 * 3 * 3  # alpha 0.1, 0.5, IID at two epsilons, 3 seeds
-    assert len({sweep.cell_key(c) for c in cells}) == len(cells)
-    assert {c["clients"] for c in main if c["setting"] == "centralized"} == {1}
-    assert [c["seed"] for c in cells] == sorted(c["seed"] for c in cells)  # a whole grid per seed first
-    fed = next(c for c in cells if c["group"] == "skew" and c["alpha"] == "0.1")
-    o = sweep.overrides(fed, "BASE")
-    assert "data.partitioner=dirichlet data.dirichlet_alpha=0.1" in o and "privacy" in o
+def test_the_grid_is_the_issue_grid(sweep):
+    module, _ = sweep
+    cells = module.cells(args())
+    by_group = {g: [c for c in cells if c["group"] == g] for g in module.GROUPS}
+    assert len(by_group["federated"]) == len(by_group["centralized"]) == 2 * 3 * 4
+    assert len(by_group["skew"]) == 2 * 3 * 2 and len(by_group["baseline"]) == 2 * 3
+    assert len(by_group["lora"]) == 2 * 2 * 2  # tasks x epsilons x {vanilla, ffa}
+    assert len({module.cell_key(c) for c in cells}) == len(cells)
+    assert {c["clients"] for c in by_group["centralized"]} == {1}
+    assert cells[-1]["group"] == "lora"  # the slow rows last
+    skew = module.overrides(by_group["skew"][0], "BASE")
+    assert "data.partitioner=dirichlet data.dirichlet_alpha=0.5" in skew and "data=credit" in skew
+    lora = module.overrides(by_group["lora"][1], "BASE")
+    assert "recipe=lora lora=ffa" in lora
+    # a baseline cell writes one row per baseline; its key still matches the cell
+    row = {**by_group["baseline"][0], "lora": "LR"}
+    assert module.cell_key(row) == module.cell_key(by_group["baseline"][0])
 
 
-def row(sweep, eps, seed, bal, setting="federated"):
-    cell = dict(group="main", setting=setting, clients=3, target_epsilon=eps, lora="vanilla", rank=8,
-                partitioner="iid", alpha="", seed=seed)
-    return {**cell, "epsilon_measured": "off" if eps == "off" else f"{float(eps) - 0.01 * seed:.4f}",
-            "balanced_accuracy": str(bal), "accuracy": "0.7", "macro_f1": "0.6", "auc": str(bal + 0.1),
-            "seconds": "1"}
+def _row(eps, seed, bal, group="federated", task="credit", lora="", recipe="linear-probe"):
+    return dict(group=group, task=task, clients=3, target_epsilon=eps, recipe=recipe, lora=lora, partitioner="iid",
+                alpha="", seed=seed, epsilon_measured="off" if eps == "off" else f"{float(eps) - 0.01 * seed:.4f}",
+                balanced_accuracy=str(bal), accuracy="0.7", macro_f1="0.6", auc=str(bal + 0.1), seconds="1")
 
 
-def test_tables_report_mean_sd_and_the_measured_epsilon(sweep, tmp_path):
-    rows = [row(sweep, "8", 0, 0.60), row(sweep, "8", 1, 0.64), row(sweep, "off", 0, 0.70), row(sweep, "off", 1, 0.70)]
-    summary = sweep.aggregate(rows)
-    table = sweep.markdown(summary)
-    # mean 0.62, sample sd 0.028; the measured epsilon is the max over seeds (8.00, not the 7.99 of seed 1)
-    assert "| federated | vanilla | 8 | 0.620 ± 0.028 (ε̂ 8.00) | 0.700 ± 0.000 |" in table
-    assert "| federated | vanilla | 8 | 0.720 ± 0.028 | 0.800 ± 0.000 |" in table  # the AUC table
-    sweep.plot(summary, tmp_path / "p.png")
-    assert (tmp_path / "p.png").stat().st_size > 10_000
+def test_the_page_is_rewritten_between_its_markers_only(sweep, tmp_path):
+    _, table = sweep
+    rows = [_row("8", 0, 0.60), _row("8", 1, 0.64), _row("off", 0, 0.70), _row("off", 1, 0.70),
+            _row("off", 0, 0.75, group="baseline", lora="LR", recipe="sklearn")]
+    page = tmp_path / "results.md"
+    page.write_text("# Results\n\nkept above\n<!-- results:begin -->\nold\n<!-- results:end -->\nkept below\n")
+    a = args(out=tmp_path, docs=page)
+    table.write_results(rows, a, a)
+    text = page.read_text()
+    assert text.startswith("# Results\n\nkept above\n") and text.endswith("kept below\n") and "\nold\n" not in text
 
 
-def test_readme_section_is_replaced_between_markers(tmp_path):
-    from fed_dp_lora.experiments.readme import write_section
-
-    readme = tmp_path / "README.md"
-    readme.write_text("top\n<!-- sweep:begin -->\nold\n<!-- sweep:end -->\nbottom\n")
-    write_section(readme, "sweep", "new table\n")
-    assert readme.read_text() == "top\n<!-- sweep:begin -->\nnew table\n<!-- sweep:end -->\nbottom\n"
-    with pytest.raises(SystemExit, match="no <!-- audit:begin -->"):
-        write_section(readme, "audit", "x")
+def test_the_table_cells_and_verdicts(sweep, tmp_path):
+    _, table = sweep
+    rows = [_row("8", 0, 0.60), _row("8", 1, 0.64), _row("off", 0, 0.70), _row("off", 1, 0.70),
+            _row("off", 0, 0.75, group="baseline", lora="LR", recipe="sklearn")]
+    a = args(out=tmp_path, docs=tmp_path / "r.md")
+    table.write_results(rows, a, a)
+    text = (tmp_path / "r.md").read_text()
+    # mean 0.62, sample sd 0.028 over two seeds; AUC = bal + 0.1
+    assert "| federated, 3 clients (the default run) | – | – | 0.620 ± 0.028 / 0.720 ± 0.028 (2 seeds)" in text
+    assert ("credit, ε = 8, against the non-private LR: balanced accuracy -13.0 points, AUC -13.0 points: "
+            "we lose on balanced accuracy and AUC.") in text
+    assert "credit ε = 8 balanced accuracy >= 0.72: 0.620, NOT met." in text
+    assert "Largest epsilon any client's ledger reported in these cells: 8.000" in text
+    assert "Not run yet" in text and "reviews" in text.split("Not run yet")[1]
+    assert "chosen on validation splits" in text
+    assert (tmp_path / "privacy_utility.png").stat().st_size > 10_000
