@@ -116,8 +116,9 @@ def _attacked_fitres(request: RecordDict, content: RecordDict, kind: str, scale:
     global adapter); the attacked update is not clipped again."""
     keys = str(recorddict_compat.recorddict_to_fitins(request, keep_input=True).config[SECAGG_KEYS]).split("\n")
     fitres = recorddict_compat.recorddict_to_fitres(content, keep_input=True)
-    update = {k: torch.from_numpy(a.copy()) for k, a in
-              zip(keys, parameters_to_ndarrays(fitres.parameters), strict=True)}
+    update = {
+        k: torch.from_numpy(a.copy()) for k, a in zip(keys, parameters_to_ndarrays(fitres.parameters), strict=True)
+    }
     attacked = attack(kind, {k: torch.zeros_like(v) for k, v in update.items()}, update, scale)
     fitres.parameters = ndarrays_to_parameters([attacked[k].numpy().astype(np.float32) for k in keys])
     return recorddict_compat.fitres_to_recorddict(fitres, keep_input=True)

@@ -60,8 +60,10 @@ def central_test_table(cfg: DictConfig):
     if cfg.data.test_path is not None:
         return load_table(cfg, path=str(cfg.data.test_path))
     if cfg.data.source == "file" and cfg.data.path is None:
-        raise ConfigError("data.test_path: the server needs a central test set. Fix: set "
-                          "data.test_path=/abs/test.csv (or data.path to hold out from)")
+        raise ConfigError(
+            "data.test_path: the server needs a central test set. Fix: set "
+            "data.test_path=/abs/test.csv (or data.path to hold out from)"
+        )
     return holdout_split(load_table(cfg), cfg)[1]
 
 
@@ -83,8 +85,11 @@ class CentralEvaluator:
             lengths = np.array([len(ids) for ids in tokenizer(list(table["text"]), verbose=False)["input_ids"]])
             self.length_info, self.length_warning = length_report(lengths, int(cfg.train.max_length))
         # The linear probe's head is evaluated on the test set's cached features (the server's own).
-        self.test_features = cached_features(self.model, self.test, cache_dir() / "features") \
-            if isinstance(self.model, LinearProbe) else None
+        self.test_features = (
+            cached_features(self.model, self.test, cache_dir() / "features")
+            if isinstance(self.model, LinearProbe)
+            else None
+        )
         self.majority = None
         if classification:
             labels = self.test.labels.numpy()
@@ -118,4 +123,3 @@ class CentralEvaluator:
         """A PEFT adapter folder: PeftModel.from_pretrained(base, folder) loads it."""
         load_trainable_state(self.model, state)
         write_dir_atomic(folder, lambda tmp: self.model.save_pretrained(str(tmp)))
-

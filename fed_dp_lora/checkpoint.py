@@ -56,8 +56,9 @@ def load(out: Path) -> Checkpoint | None:
         data = torch.load(path, weights_only=True)
         return Checkpoint(**data)
     except Exception as err:  # torch raises several types for a damaged or foreign file
-        raise ConfigError(f"resume: {path} cannot be read ({err}). Fix: restore it, or start a new run "
-                          "in a new output-dir") from err
+        raise ConfigError(
+            f"resume: {path} cannot be read ({err}). Fix: restore it, or start a new run in a new output-dir"
+        ) from err
 
 
 def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -86,13 +87,18 @@ def resume_point(out: Path, config: dict[str, Any], resume: bool) -> Checkpoint 
             )
         return None
     if checkpoint is None:
-        raise ConfigError(f"resume: {out} has no {FILE}, so there is nothing to resume. Fix: check "
-                          "output-dir, or start the run without resume=true")
+        raise ConfigError(
+            f"resume: {out} has no {FILE}, so there is nothing to resume. Fix: check "
+            "output-dir, or start the run without resume=true"
+        )
     before, now = _flat(checkpoint.config), _flat(config)
-    changed = sorted(k for k in set(before) | set(now)
-                     if k not in ("resume", "output_dir") and before.get(k) != now.get(k))
+    changed = sorted(
+        k for k in set(before) | set(now) if k not in ("resume", "output_dir") and before.get(k) != now.get(k)
+    )
     if changed:
         detail = ", ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in changed[:6])
-        raise ConfigError(f"resume: the configuration differs from the stopped run's ({detail}). Fix: "
-                          "resume with the same overrides as the original run")
+        raise ConfigError(
+            f"resume: the configuration differs from the stopped run's ({detail}). Fix: "
+            "resume with the same overrides as the original run"
+        )
     return checkpoint

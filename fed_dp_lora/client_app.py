@@ -37,8 +37,12 @@ from fed_dp_lora.wire import (
 
 LEDGER_KEY = "privacy-ledger"
 REFUSALS: tuple[tuple[type[BaseException], Refusal], ...] = (
-    (BudgetExceeded, Refusal.BUDGET), (LedgerError, Refusal.LEDGER), (PolicyError, Refusal.POLICY),
-    (InputRefused, Refusal.INPUT), (DataError, Refusal.DATA), (Exception, Refusal.INTERNAL),
+    (BudgetExceeded, Refusal.BUDGET),
+    (LedgerError, Refusal.LEDGER),
+    (PolicyError, Refusal.POLICY),
+    (InputRefused, Refusal.INPUT),
+    (DataError, Refusal.DATA),
+    (Exception, Refusal.INTERNAL),
 )
 
 app = ClientApp()
@@ -65,8 +69,12 @@ def refuse(msg: Message, code: Refusal, detail: str, context: Context, text: str
     """An error reply with a fixed text; the detail is logged where the institution reads it."""
     state_dir = context.node_config.get("state-dir")
     config = msg.content.config_records.get("config")
-    local_log.refused(state_dir if isinstance(state_dir, str) else None, int(code), detail,
-                      {"round": None if config is None else config.get("server-round")})
+    local_log.refused(
+        state_dir if isinstance(state_dir, str) else None,
+        int(code),
+        detail,
+        {"round": None if config is None else config.get("server-round")},
+    )
     return Message(Error(code=int(code), reason=text or REFUSAL_TEXT[code]), reply_to=msg)
 
 
@@ -80,8 +88,9 @@ def train(msg: Message, context: Context) -> Message:
     try:
         request, secagg_config = decode(msg, cfg, context.node_id)
         memory = context.state.config_records.get(LEDGER_KEY)
-        released = train_round(cfg, context.node_config, request,
-                               None if memory is None else InstitutionLedger.from_dict(dict(memory)))
+        released = train_round(
+            cfg, context.node_config, request, None if memory is None else InstitutionLedger.from_dict(dict(memory))
+        )
         if released.ledger is not None:
             # context.state outlives this process (deployment starts one per message) and holds
             # a second copy of the ledger, which must agree with the one on disk.
@@ -98,8 +107,10 @@ def decode(msg: Message, cfg: DictConfig, node_id: int) -> tuple[RoundRequest, d
     """The server's request; refuses instructions that do not match the agreed protocol."""
     if cfg.secagg != is_legacy_fitins(msg.content):
         # Never answer a plain request with an individual update when SecAgg+ was agreed.
-        raise InputRefused(f"the run says secagg={cfg.secagg} but the server sent "
-                           f"{'SecAgg+' if not cfg.secagg else 'plain'} instructions")
+        raise InputRefused(
+            f"the run says secagg={cfg.secagg} but the server sent "
+            f"{'SecAgg+' if not cfg.secagg else 'plain'} instructions"
+        )
     try:
         if cfg.secagg:
             state, config = secagg_fitins(msg.content)
@@ -110,8 +121,9 @@ def decode(msg: Message, cfg: DictConfig, node_id: int) -> tuple[RoundRequest, d
     except (KeyError, ValueError, TypeError) as err:
         raise InputRefused(f"malformed instructions: {err}") from err
     study = config.get("study-id")
-    return RoundRequest(state, server_round, None if study is None else str(study), node_id), \
-        (config if cfg.secagg else None)
+    return RoundRequest(state, server_round, None if study is None else str(study), node_id), (
+        config if cfg.secagg else None
+    )
 
 
 def encode(cfg: DictConfig, request: RoundRequest, released: Released, secagg_config: dict | None) -> RecordDict:
@@ -119,11 +131,21 @@ def encode(cfg: DictConfig, request: RoundRequest, released: Released, secagg_co
     state = released.state
     if secagg_config is not None:
         margin = secagg_quantization_margin(state, float(cfg.secaggplus.clipping_range))
-        return secagg_fitres(request.global_state, state, secagg_config, int(released.metrics[NUM_EXAMPLES]),
-                             released.metrics, quantization_margin=margin)
+        return secagg_fitres(
+            request.global_state,
+            state,
+            secagg_config,
+            int(released.metrics[NUM_EXAMPLES]),
+            released.metrics,
+            quantization_margin=margin,
+        )
     int8 = cfg.upload.compression == "int8"
-    content = RecordDict({"arrays": encode_int8_update(request.global_state, state) if int8 else ArrayRecord(state),
-                          "metrics": MetricRecord(dict[str, Any](released.metrics))})
+    content = RecordDict(
+        {
+            "arrays": encode_int8_update(request.global_state, state) if int8 else ArrayRecord(state),
+            "metrics": MetricRecord(dict[str, Any](released.metrics)),
+        }
+    )
     if int8:
         content[UPLOAD_KEY] = ConfigRecord({"encoding": INT8_UPDATE})
     if released.policy.name is not None:

@@ -74,15 +74,18 @@ class TableSpec:
     def of(cls, cfg: DictConfig) -> TableSpec:
         data = json.dumps(OmegaConf.to_container(cfg.data, resolve=True), sort_keys=True)
         a = cfg.audit
-        return cls(data, cfg.model.name, cfg.model.task, cfg.train.max_length, cfg.seed, a.enabled, a.canaries,
-                   a.seed)
+        return cls(data, cfg.model.name, cfg.model.task, cfg.train.max_length, cfg.seed, a.enabled, a.canaries, a.seed)
 
     def config(self) -> DictConfig:
-        cfg = OmegaConf.create({
-            "data": json.loads(self.data), "model": {"name": self.model_name, "task": self.task},
-            "train": {"max_length": self.max_length}, "seed": self.seed,
-            "audit": {"enabled": self.audit_enabled, "canaries": self.audit_canaries, "seed": self.audit_seed},
-        })
+        cfg = OmegaConf.create(
+            {
+                "data": json.loads(self.data),
+                "model": {"name": self.model_name, "task": self.task},
+                "train": {"max_length": self.max_length},
+                "seed": self.seed,
+                "audit": {"enabled": self.audit_enabled, "canaries": self.audit_canaries, "seed": self.audit_seed},
+            }
+        )
         OmegaConf.set_struct(cfg, True)
         return cfg
 
@@ -115,8 +118,9 @@ def _assigned_canaries(cfg: DictConfig, partition: tuple[int, int] | None) -> in
 
 
 @lru_cache(maxsize=64)
-def _cached_table(spec: TableSpec, data_path: str | None, partition: tuple[int, int] | None,
-                  version: str = "") -> tuple[Encoded, str, int]:
+def _cached_table(
+    spec: TableSpec, data_path: str | None, partition: tuple[int, int] | None, version: str = ""
+) -> tuple[Encoded, str, int]:
     """(tokens, what was dropped as JSON, how many records came from the data before canaries).
     `version` (the file's size and time) keeps a process from reusing an edited file's tokens."""
     cfg = spec.config()
@@ -145,12 +149,15 @@ def client_data(cfg: DictConfig, policy: NodePolicy) -> ClientData:
                 "node-config partition-id: audit.enabled needs each canary in exactly one institution, and "
                 "this SuperNode has no slot. Fix: add partition-id=<i> num-partitions=<n> to its --node-config"
             )
-        encoded, dropped, _ = _disk_cached(spec, policy) if policy.state_dir else \
-            _cached_table(spec, policy.data_path, policy.partition)
+        encoded, dropped, _ = (
+            _disk_cached(spec, policy) if policy.state_dir else _cached_table(spec, policy.data_path, policy.partition)
+        )
         records = int(policy.records)  # type: ignore[arg-type]  # required in deployment (node_policy)
         if len(encoded) > records:
-            raise PolicyError(f"node-config records: the file holds {len(encoded)} usable records, more than "
-                              f"the {records} declared. Fix: declare records >= {len(encoded)}")
+            raise PolicyError(
+                f"node-config records: the file holds {len(encoded)} usable records, more than "
+                f"the {records} declared. Fix: declare records >= {len(encoded)}"
+            )
     else:
         encoded, dropped, real = _cached_table(spec, None, policy.partition)
         # Simulation: partitions of a public data set, so their sizes are public.
@@ -179,8 +186,9 @@ def _disk_cached(spec: TableSpec, policy: NodePolicy) -> tuple[Encoded, str, int
             log.warning("token cache %s unreadable (%s); tokenizing again", cache, err)
     encoded, dropped, real = _cached_table(spec, policy.data_path, policy.partition, version)
     Path(str(policy.state_dir)).mkdir(parents=True, exist_ok=True)
-    write_atomic(cache, lambda handle: torch.save({"encoded": asdict(encoded), "dropped": dropped, "real": real},
-                                                  handle))
+    write_atomic(
+        cache, lambda handle: torch.save({"encoded": asdict(encoded), "dropped": dropped, "real": real}, handle)
+    )
     return encoded, dropped, real
 
 

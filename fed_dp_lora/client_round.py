@@ -85,8 +85,10 @@ def _startup_seconds() -> float:
 def check_request(request: RoundRequest, policy: NodePolicy) -> None:
     """Refuse malformed or absurd server input before anything reads the data."""
     if policy.state_dir is not None and (not request.study or request.server_round < 1):
-        raise InputRefused("a node with a state dir trains only when the server names the study and "
-                           f"round (got study={request.study!r}, round={request.server_round})")
+        raise InputRefused(
+            "a node with a state dir trains only when the server names the study and "
+            f"round (got study={request.study!r}, round={request.server_round})"
+        )
     for name, tensor in request.global_state.items():
         values = tensor.detach()
         if values.is_floating_point() and not bool(torch.isfinite(values).all()):
@@ -103,8 +105,9 @@ def _state_dir(policy: NodePolicy, request: RoundRequest) -> str | None:
     return None  # direct calls without a study (tests): nothing persisted, OS entropy
 
 
-def train_round(cfg: DictConfig, node_config: Mapping[str, Any], request: RoundRequest,
-                memory: InstitutionLedger | None) -> Released:
+def train_round(
+    cfg: DictConfig, node_config: Mapping[str, Any], request: RoundRequest, memory: InstitutionLedger | None
+) -> Released:
     """Train this client on the global adapter; raises before training on any refusal."""
     started = time.perf_counter()
     startup = _startup_seconds()
@@ -123,8 +126,13 @@ def train_round(cfg: DictConfig, node_config: Mapping[str, Any], request: RoundR
     return released
 
 
-def _locked_round(cfg: DictConfig, policy: NodePolicy, request: RoundRequest, store: InstitutionState | None,
-                  memory: InstitutionLedger | None) -> Released:
+def _locked_round(
+    cfg: DictConfig,
+    policy: NodePolicy,
+    request: RoundRequest,
+    store: InstitutionState | None,
+    memory: InstitutionLedger | None,
+) -> Released:
     ledger = reconcile(memory, store.load_ledger() if store else None, store.ledger_path if store else None)
     ledger = ledger or InstitutionLedger()
     digest = state_digest(request.global_state)
@@ -133,8 +141,11 @@ def _locked_round(cfg: DictConfig, policy: NodePolicy, request: RoundRequest, st
         kept = store.release(study, request.server_round, digest)
         if kept is not None:  # same round, same global adapter: resend; nothing new leaks
             return Released(kept[0], {**kept[1], "replayed": 1.0}, ledger, policy, {"replayed": True})
-        log.warning("Round %d was already trained here from another global adapter; training again is a "
-                    "new release, with fresh noise, and is counted again", request.server_round)
+        log.warning(
+            "Round %d was already trained here from another global adapter; training again is a "
+            "new release, with fresh noise, and is counted again",
+            request.server_round,
+        )
     loaded = time.perf_counter()
     data = client_data(cfg, policy)
     model = cached_model(cfg)
@@ -145,19 +156,32 @@ def _locked_round(cfg: DictConfig, policy: NodePolicy, request: RoundRequest, st
     engine = _engine(cfg, model, data, plan, store, request, digest)
     trained = time.perf_counter()
     try:
-        stats = train_local(engine, data.encoded, cfg, *data.plan(cfg), _class_weights(cfg, model),
-                            generator=engine.sampling, slots=data.records)
+        stats = train_local(
+            engine,
+            data.encoded,
+            cfg,
+            *data.plan(cfg),
+            _class_weights(cfg, model),
+            generator=engine.sampling,
+            slots=data.records,
+        )
     finally:
         engine.detach()
-    local = {"load-seconds": trained - loaded, "train-seconds": time.perf_counter() - trained,
-             **_round_facts(data, stats, engine)}
-    return _persist(store, ledger, plan, request, digest, trainable_state(model), data, data.plan(cfg)[0],
-                    stats, local)
+    local = {**_timings(loaded, trained), **_round_facts(data, stats, engine)}
+    return _persist(store, ledger, plan, request, digest, trainable_state(model), data, data.plan(cfg)[0], stats, local)
 
 
-def _probe_round(cfg: DictConfig, policy: NodePolicy, request: RoundRequest, store: InstitutionState | None,
-                 ledger: InstitutionLedger, data: ClientData, model: torch.nn.Module, digest: str,
-                 loaded: float) -> Released:
+def _probe_round(
+    cfg: DictConfig,
+    policy: NodePolicy,
+    request: RoundRequest,
+    store: InstitutionState | None,
+    ledger: InstitutionLedger,
+    data: ClientData,
+    model: torch.nn.Module,
+    digest: str,
+    loaded: float,
+) -> Released:
     """The linear probe: DP-SGD on the head over cached features, centred on the client's own
     feature mean, which under DP is a Gaussian-mechanism release charged in this round's plan
     (once per study and data version) and kept in the state dir, never sent."""
@@ -172,43 +196,72 @@ def _probe_round(cfg: DictConfig, policy: NodePolicy, request: RoundRequest, sto
         centre = centring.compute(cfg, features, data.records, noise)
     head = centred_head(model.classifier, centre.mean)
     rate, steps = data.plan(cfg)
-    engine: GradientEngine = GradientEngine(head, rate * data.records) if plan is None else \
-        PrivateGradientEngine(head, rate * data.records, float(cfg.privacy.clip_norm), plan.terms.noise,
-                              generator=noise)
+    engine = _head_engine(cfg, head, rate * data.records, plan, noise)
     trained = time.perf_counter()
     try:
-        stats = train_head(engine, features - centre.mean, data.encoded.labels, cfg, rate, steps,
-                           _class_weights(cfg, model), generator=sampling, slots=data.records)
+        stats = train_head(
+            engine,
+            features - centre.mean,
+            data.encoded.labels,
+            cfg,
+            rate,
+            steps,
+            _class_weights(cfg, model),
+            generator=sampling,
+            slots=data.records,
+        )
     finally:
         engine.detach()
     fold_into(model.classifier, head, centre.mean)
-    local = {"load-seconds": trained - loaded, "train-seconds": time.perf_counter() - trained,
-             **_round_facts(data, stats, engine), "feature-mean-charged": bool(charge)}
+    local = {**_timings(loaded, trained), **_round_facts(data, stats, engine), "feature-mean-charged": bool(charge)}
     released = _persist(store, ledger, plan, request, digest, trainable_state(model), data, rate, stats, local)
     if charge and store is not None:
         centring.keep(store, study, centre)  # after the ledger holds its charge, never before
     return released
 
 
-def _plan(cfg: DictConfig, policy: NodePolicy, data: ClientData, ledger: InstitutionLedger, study: str,
-          extra: tuple = ()) -> Plan:
+def _head_engine(
+    cfg: DictConfig, head: torch.nn.Module, expected_batch: float, plan: Plan | None, noise: torch.Generator | None
+) -> GradientEngine:
+    """DP-SGD on the probe's head (or the non-private baseline when privacy is off)."""
+    if plan is None:
+        return GradientEngine(head, expected_batch)
+    return PrivateGradientEngine(head, expected_batch, float(cfg.privacy.clip_norm), plan.terms.noise, generator=noise)
+
+
+def _plan(
+    cfg: DictConfig, policy: NodePolicy, data: ClientData, ledger: InstitutionLedger, study: str, extra: tuple = ()
+) -> Plan:
     """The study's terms and this round's cost, checked against both budgets (BudgetExceeded)."""
     rate, steps = data.plan(cfg)
     delta = resolve_delta(cfg, policy, data.records)
     p = cfg.privacy
-    return ledger.plan(Request(
-        study=study, delta=delta, accountant=str(p.accountant),
-        noise=None if p.noise_multiplier is None else float(p.noise_multiplier),
-        rate=rate, steps=steps, rounds=int(cfg.rounds),
-        study_budget=None if p.epsilon is None else float(p.epsilon),
-        lifetime_budget=policy.lifetime_epsilon,
-        lifetime_delta=policy.max_delta if policy.max_delta is not None else delta,
-        extra=extra,
-    ))
+    return ledger.plan(
+        Request(
+            study=study,
+            delta=delta,
+            accountant=str(p.accountant),
+            noise=None if p.noise_multiplier is None else float(p.noise_multiplier),
+            rate=rate,
+            steps=steps,
+            rounds=int(cfg.rounds),
+            study_budget=None if p.epsilon is None else float(p.epsilon),
+            lifetime_budget=policy.lifetime_epsilon,
+            lifetime_delta=policy.max_delta if policy.max_delta is not None else delta,
+            extra=extra,
+        )
+    )
 
 
-def _engine(cfg: DictConfig, model: torch.nn.Module, data: ClientData, plan: Plan | None,
-            store: InstitutionState | None, request: RoundRequest, digest: str) -> GradientEngine:
+def _engine(
+    cfg: DictConfig,
+    model: torch.nn.Module,
+    data: ClientData,
+    plan: Plan | None,
+    store: InstitutionState | None,
+    request: RoundRequest,
+    digest: str,
+) -> GradientEngine:
     """DP-SGD (or the non-private baseline) with this attempt's own random streams."""
     device = next(p for p in model.parameters() if p.requires_grad).device
     sampling, noise = _streams(cfg, data, store, request, digest, device)
@@ -218,14 +271,21 @@ def _engine(cfg: DictConfig, model: torch.nn.Module, data: ClientData, plan: Pla
     if plan is None:
         engine: GradientEngine = GradientEngine(model, rate * data.records, extra=canaries)
     else:
-        engine = PrivateGradientEngine(model, rate * data.records, float(cfg.privacy.clip_norm),
-                                       plan.terms.noise, generator=noise, extra=canaries)
+        engine = PrivateGradientEngine(
+            model, rate * data.records, float(cfg.privacy.clip_norm), plan.terms.noise, generator=noise, extra=canaries
+        )
     engine.sampling = sampling
     return engine
 
 
-def _streams(cfg: DictConfig, data: ClientData, store: InstitutionState | None, request: RoundRequest,
-             digest: str, device: torch.device) -> tuple[torch.Generator | None, torch.Generator | None]:
+def _streams(
+    cfg: DictConfig,
+    data: ClientData,
+    store: InstitutionState | None,
+    request: RoundRequest,
+    digest: str,
+    device: torch.device,
+) -> tuple[torch.Generator | None, torch.Generator | None]:
     """This attempt's (sampling, noise) generators; (None, None): fresh OS entropy."""
     secret = _secret(cfg, data, store, request)
     if secret is None:
@@ -236,8 +296,7 @@ def _streams(cfg: DictConfig, data: ClientData, store: InstitutionState | None, 
     return round_generators(key, device)
 
 
-def _secret(cfg: DictConfig, data: ClientData, store: InstitutionState | None,
-            request: RoundRequest) -> bytes | None:
+def _secret(cfg: DictConfig, data: ClientData, store: InstitutionState | None, request: RoundRequest) -> bytes | None:
     if cfg.privacy.seeded_noise and data.partition is not None:
         return simulation_secret(int(cfg.seed), data.partition)  # refused in deployment (node_policy)
     if store is not None and request.study:
@@ -252,20 +311,44 @@ def _class_weights(cfg: DictConfig, model: torch.nn.Module) -> torch.Tensor | No
     return torch.tensor([float(w) for w in cfg.data.class_weights], device=device)
 
 
+def _timings(loaded: float, trained: float) -> dict[str, float]:
+    """Seconds spent loading and training (local log only: timing is a side channel)."""
+    return {"load-seconds": trained - loaded, "train-seconds": time.perf_counter() - trained}
+
+
 def _round_facts(data: ClientData, stats: TrainStats, engine: GradientEngine) -> dict[str, Any]:
     """What the institution may want to know about its round (local log only)."""
-    return {"records-used": len(data.encoded), "records-declared": data.records, "dropped": data.dropped,
-            "train-loss": stats.mean_loss, "examples": stats.examples, "rows": stats.rows,
-            "empty-batches": stats.empty_batches,
-            "clipped-fraction": getattr(engine, "last_clipped_fraction", None)}
+    return {
+        "records-used": len(data.encoded),
+        "records-declared": data.records,
+        "dropped": data.dropped,
+        "train-loss": stats.mean_loss,
+        "examples": stats.examples,
+        "rows": stats.rows,
+        "empty-batches": stats.empty_batches,
+        "clipped-fraction": getattr(engine, "last_clipped_fraction", None),
+    }
 
 
-def _persist(store: InstitutionState | None, ledger: InstitutionLedger, plan: Plan | None, request: RoundRequest,
-             digest: str, state: dict[str, torch.Tensor], data: ClientData, rate: float, stats: TrainStats,
-             local: dict[str, Any]) -> Released:
+def _persist(
+    store: InstitutionState | None,
+    ledger: InstitutionLedger,
+    plan: Plan | None,
+    request: RoundRequest,
+    digest: str,
+    state: dict[str, torch.Tensor],
+    data: ClientData,
+    rate: float,
+    stats: TrainStats,
+    local: dict[str, Any],
+) -> Released:
     """Write the round's cost, then keep the release; only then may it leave."""
-    metrics: dict[str, float] = {"num-examples": data.records, "sample-rate": rate, "steps": stats.steps,
-                                 "replayed": 0.0}
+    metrics: dict[str, float] = {
+        "num-examples": data.records,
+        "sample-rate": rate,
+        "steps": stats.steps,
+        "replayed": 0.0,
+    }
     if data.partition is not None:
         metrics["partition-id"] = data.partition
     if plan is not None:
@@ -274,8 +357,14 @@ def _persist(store: InstitutionState | None, ledger: InstitutionLedger, plan: Pl
             store.save_ledger(ledger)  # on disk before the update can leave this client
         study = ledger.study(plan.request.study)
         epsilon = study.epsilon()
-        metrics.update({"epsilon": epsilon if math.isfinite(epsilon) else 1e308, "delta": plan.terms.delta,
-                        "noise-multiplier": plan.terms.noise, "steps-total": study.steps})
+        metrics.update(
+            {
+                "epsilon": epsilon if math.isfinite(epsilon) else 1e308,
+                "delta": plan.terms.delta,
+                "noise-multiplier": plan.terms.noise,
+                "steps-total": study.steps,
+            }
+        )
         local["lifetime-epsilon"] = ledger.lifetime(plan.request.lifetime_delta).epsilon()
     metrics = reply.metrics(metrics)
     if store is not None and request.study:

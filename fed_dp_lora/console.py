@@ -57,7 +57,5 @@ def quiet_loading() -> Iterator[None]:
 def without_peft_deprecation_notice() -> Iterator[None]:
     """PEFT reads the deprecated `is_gradient_checkpointing`; the notice is for PEFT, not us."""
     with warnings.catch_warnings():
-        warnings.filterwarnings(
-            "ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning
-        )
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
         yield

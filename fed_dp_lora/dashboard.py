@@ -70,7 +70,7 @@ def epsilon_bars(summary: dict[str, Any]) -> str:
         share = min(value / float(budget), 1.0) if budget else 1.0
         over = " over" if budget and value > float(budget) else ""
         rows.append(
-            f'<span>{html.escape(name)}</span>'
+            f"<span>{html.escape(name)}</span>"
             f'<div class="track"><div class="fill{over}" style="width:{100 * share:.1f}%"></div></div>'
             f'<span class="bar" data-institution="{html.escape(name, quote=True)}" data-epsilon="{value}" '
             f'data-budget="{budget}">{fmt(value)} / {fmt(budget)}</span>'
@@ -98,14 +98,20 @@ def render(summary: dict[str, Any] | None, out_dir: Path, refresh: int) -> str:
     meta = f'<meta http-equiv="refresh" content="{refresh}">'
     title = f"fed-dp-lora: {html.escape(out_dir.name)}"
     if summary is None:
-        body = f"<h1>{title}</h1><p id='status'>Waiting for the first round (no summary.json in " \
-               f"{html.escape(str(out_dir))} yet)</p>"
+        body = (
+            f"<h1>{title}</h1><p id='status'>Waiting for the first round (no summary.json in "
+            f"{html.escape(str(out_dir))} yet)</p>"
+        )
     else:
         state = status(summary)
         lines = _headline(summary, state.startswith("Finished"))
-        parts = [f"<h1>{title}</h1>", f"<p id='status'>{html.escape(state)}</p>",
-                 "<ul>" + "".join(f"<li>{html.escape(line)}</li>" for line in lines) + "</ul>",
-                 "<h2>Epsilon per institution (against the run's budget)</h2>", epsilon_bars(summary)]
+        parts = [
+            f"<h1>{title}</h1>",
+            f"<p id='status'>{html.escape(state)}</p>",
+            "<ul>" + "".join(f"<li>{html.escape(line)}</li>" for line in lines) + "</ul>",
+            "<h2>Epsilon per institution (against the run's budget)</h2>",
+            epsilon_bars(summary),
+        ]
         for name, header, rows in summary_tables(summary):
             extra = _baseline_row(summary, header) if name == "Rounds" else ""
             parts.append(_table(name, header, rows, extra))
@@ -113,8 +119,10 @@ def render(summary: dict[str, Any] | None, out_dir: Path, refresh: int) -> str:
         parts.append(f"<p>Bytes on the wire in all: up {comm['up'] / 1e6:.2f} MB, down {comm['down'] / 1e6:.2f} MB</p>")
         body = "".join(parts)
     stamp = time.strftime("%H:%M:%S")
-    return (f"<!doctype html><html><head><meta charset='utf-8'>{meta}<title>{title}</title><style>{STYLE}</style>"
-            f"</head><body>{body}<p class='muted'>Page built {stamp}; reloads every {refresh} s.</p></body></html>")
+    return (
+        f"<!doctype html><html><head><meta charset='utf-8'>{meta}<title>{title}</title><style>{STYLE}</style>"
+        f"</head><body>{body}<p class='muted'>Page built {stamp}; reloads every {refresh} s.</p></body></html>"
+    )
 
 
 def read_summary(out_dir: Path) -> dict[str, Any] | None:
@@ -161,10 +169,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: output dir {args.output_dir} does not exist (give the run's output-dir)", file=sys.stderr)
         return 2
     out_dir = args.output_dir.resolve()
-    server = ThreadingHTTPServer(("127.0.0.1", args.port),
-                                 partial(Handler, out_dir=out_dir, refresh=max(1, args.refresh)))
-    print(f"Dashboard for {out_dir}: http://127.0.0.1:{server.server_port}/ (pid {os.getpid()}; stop: kill "
-          f"{os.getpid()})", flush=True)
+    server = ThreadingHTTPServer(
+        ("127.0.0.1", args.port), partial(Handler, out_dir=out_dir, refresh=max(1, args.refresh))
+    )
+    print(
+        f"Dashboard for {out_dir}: http://127.0.0.1:{server.server_port}/ (pid {os.getpid()}; stop: kill "
+        f"{os.getpid()})",
+        flush=True,
+    )
     try:
         server.serve_forever()
     except KeyboardInterrupt:

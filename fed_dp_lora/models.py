@@ -109,10 +109,23 @@ class ModelSpec:
         """The builder's inputs from a composed (typed) configuration."""
         m, lora = cfg.model, cfg.lora
         targets = lora.target_modules if lora.target_modules is not None else m.lora_targets
-        return cls(m.name, m.task, m.quantization, m.pooling, m.keep_layers,
-                   targets if isinstance(targets, str) else tuple(targets), lora.r, lora.alpha, lora.dropout,
-                   lora.mode, lora.init_seed, cfg.train.device, cfg.train.gradient_checkpointing, num_labels,
-                   cfg.train.method)
+        return cls(
+            m.name,
+            m.task,
+            m.quantization,
+            m.pooling,
+            m.keep_layers,
+            targets if isinstance(targets, str) else tuple(targets),
+            lora.r,
+            lora.alpha,
+            lora.dropout,
+            lora.mode,
+            lora.init_seed,
+            cfg.train.device,
+            cfg.train.gradient_checkpointing,
+            num_labels,
+            cfg.train.method,
+        )
 
 
 def model_source(cfg: DictConfig) -> str:
@@ -276,7 +289,10 @@ def _from_pretrained(auto_class: Any, source: str, **kwargs) -> PreTrainedModel:
     if missing:
         log.warning(
             "model.name: %s lacks %d base weights (%s); they start random. Fix: point model.name "
-            "at a checkpoint of this architecture", source, len(missing), ", ".join(missing[:3]),
+            "at a checkpoint of this architecture",
+            source,
+            len(missing),
+            ", ".join(missing[:3]),
         )
     return model
 

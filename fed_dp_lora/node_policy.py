@@ -35,10 +35,16 @@ NODE_KEYS: dict[str, tuple[type, str]] = {
     "state-dir": (str, "directory on the institution's disk for its privacy ledger and noise key"),
     "epsilon": (float, "the institution's lifetime budget over every study it joins (required with DP)"),
     "max-delta": (float, "the largest delta the institution accepts (default 1/(10 records))"),
-    "records": (int, "the record count the institution declares publicly, at least the records in "
-                     "its file; it sets the sampling rate and the aggregation weight (required)"),
-    "labels": (str, "class names in index order, comma-separated, e.g. \"good,bad\" (required for "
-                    "classification): the run must use exactly these"),
+    "records": (
+        int,
+        "the record count the institution declares publicly, at least the records in "
+        "its file; it sets the sampling rate and the aggregation weight (required)",
+    ),
+    "labels": (
+        str,
+        'class names in index order, comma-separated, e.g. "good,bad" (required for '
+        "classification): the run must use exactly these",
+    ),
     "text-column": (str, "column holding the text (default text)"),
     "label-column": (str, "column holding the label (default label)"),
     "prompt-column": (str, "column holding the prompt, causal LM (default prompt)"),
@@ -50,8 +56,12 @@ NODE_KEYS: dict[str, tuple[type, str]] = {
     "partition-id": (int, "simulation / audit slot: this client's partition index"),
     "num-partitions": (int, "simulation / audit slot: number of partitions"),
 }
-PINNED_COLUMNS = {"text-column": "text_column", "label-column": "label_column",
-                  "prompt-column": "prompt_column", "response-column": "response_column"}
+PINNED_COLUMNS = {
+    "text-column": "text_column",
+    "label-column": "label_column",
+    "prompt-column": "prompt_column",
+    "response-column": "response_column",
+}
 
 
 @dataclass(frozen=True)
@@ -91,34 +101,62 @@ def _value(node_config: Mapping[str, Any], key: str) -> Any:
     elif kind is bool:
         ok = isinstance(value, bool)
     else:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) \
+        ok = (
+            isinstance(value, (int, float))
+            and not isinstance(value, bool)
+            and math.isfinite(value)
             and (kind is float or float(value).is_integer())
+        )
     example = {str: '"/path"', bool: "true", float: "4", int: "64"}[kind]
-    _require(ok, key, f"{value!r} is not a {kind.__name__} ({meaning})",
-             f"start the SuperNode with --node-config '{key}={example}'")
+    _require(
+        ok,
+        key,
+        f"{value!r} is not a {kind.__name__} ({meaning})",
+        f"start the SuperNode with --node-config '{key}={example}'",
+    )
     return kind(value)
 
 
 def parse(node_config: Mapping[str, Any]) -> dict[str, Any]:
     """Typed node-config values; PolicyError names an unknown key or a bad value."""
     unknown = sorted(set(node_config) - set(NODE_KEYS))
-    _require(not unknown, ",".join(unknown), "unknown key(s)",
-             "use only " + ", ".join(f"{k} ({v[1]})" for k, v in NODE_KEYS.items()))
+    _require(
+        not unknown,
+        ",".join(unknown),
+        "unknown key(s)",
+        "use only " + ", ".join(f"{k} ({v[1]})" for k, v in NODE_KEYS.items()),
+    )
     values = {k: _value(node_config, k) for k in node_config}
     for key in ("epsilon", "records", "batch-size"):
         _require(values.get(key, 1) > 0, key, f"{values.get(key)} <= 0", "give a positive value")
-    _require(0 < values.get("max-delta", 0.5) < 1, "max-delta", f"{values.get('max-delta')} is not in (0, 1)",
-             "e.g. max-delta=1e-5")
-    _require(values.get("device", "auto") in ("auto", "cpu", "cuda"), "device",
-             f"{values.get('device')!r} is not auto, cpu or cuda", "use one of them")
+    _require(
+        0 < values.get("max-delta", 0.5) < 1,
+        "max-delta",
+        f"{values.get('max-delta')} is not in (0, 1)",
+        "e.g. max-delta=1e-5",
+    )
+    _require(
+        values.get("device", "auto") in ("auto", "cpu", "cuda"),
+        "device",
+        f"{values.get('device')!r} is not auto, cpu or cuda",
+        "use one of them",
+    )
     if "labels" in values:
         labels = [x.strip() for x in values["labels"].split(",")]
-        _require(len(labels) >= 2 and all(labels) and len(set(labels)) == len(labels), "labels",
-                 f"{values['labels']!r} is not a list of 2 or more distinct names", 'e.g. labels="good,bad"')
+        _require(
+            len(labels) >= 2 and all(labels) and len(set(labels)) == len(labels),
+            "labels",
+            f"{values['labels']!r} is not a list of 2 or more distinct names",
+            'e.g. labels="good,bad"',
+        )
         values["labels"] = labels
     for key in ("data-path", "state-dir"):
-        _require(key not in values or Path(values[key]).is_absolute(), key,
-                 f"{values.get(key)!r} is not absolute", "use an absolute path")
+        _require(
+            key not in values or Path(values[key]).is_absolute(),
+            key,
+            f"{values.get(key)!r} is not absolute",
+            "use an absolute path",
+        )
     return values
 
 
@@ -136,13 +174,28 @@ def apply_node_config(cfg: DictConfig, node_config: Mapping[str, Any]) -> tuple[
         cfg.train.device = values["device"]
     has_slot = "partition-id" in values and "num-partitions" in values
     partition = (int(values["partition-id"]), int(values["num-partitions"])) if has_slot else None
-    _require(partition is None or 0 <= partition[0] < partition[1], "partition-id",
-             f"{partition} is not a slot in [0, num-partitions)", "fix the slot numbers")
-    _require("data-path" in values or partition is not None, "data-path", "is missing",
-             "start the SuperNode with --node-config 'data-path=\"/path/to/records.csv\" "
-             "state-dir=\"/path/to/state\" records=<count> epsilon=<budget>'")
-    policy = NodePolicy(values.get("data-path"), values.get("state-dir"), partition, values.get("records"),
-                        values.get("epsilon"), values.get("max-delta"), values.get("name"))
+    _require(
+        partition is None or 0 <= partition[0] < partition[1],
+        "partition-id",
+        f"{partition} is not a slot in [0, num-partitions)",
+        "fix the slot numbers",
+    )
+    _require(
+        "data-path" in values or partition is not None,
+        "data-path",
+        "is missing",
+        'start the SuperNode with --node-config \'data-path="/path/to/records.csv" '
+        'state-dir="/path/to/state" records=<count> epsilon=<budget>\'',
+    )
+    policy = NodePolicy(
+        values.get("data-path"),
+        values.get("state-dir"),
+        partition,
+        values.get("records"),
+        values.get("epsilon"),
+        values.get("max-delta"),
+        values.get("name"),
+    )
     if policy.deployment:
         _deployment_rules(cfg, values)
     try:
@@ -155,28 +208,50 @@ def apply_node_config(cfg: DictConfig, node_config: Mapping[str, Any]) -> tuple[
 def _deployment_rules(cfg: DictConfig, values: dict[str, Any]) -> None:
     """What an institution with its own data requires of every run."""
     if not cfg.privacy.enabled:
-        _require(values.get("allow-non-private", False), "allow-non-private",
-                 "the run has privacy off, and this node does not allow that",
-                 "run with privacy on, or (only if the institution accepts releasing un-noised "
-                 "updates) start the SuperNode with allow-non-private=true")
+        _require(
+            values.get("allow-non-private", False),
+            "allow-non-private",
+            "the run has privacy off, and this node does not allow that",
+            "run with privacy on, or (only if the institution accepts releasing un-noised "
+            "updates) start the SuperNode with allow-non-private=true",
+        )
     else:
         for key in ("state-dir", "epsilon", "records"):
-            _require(key in values, key, "is missing: an institution with DP on must set it",
-                     f"add {key}=... to --node-config ({NODE_KEYS[key][1]})")
-        _require(not cfg.privacy.seeded_noise, "state-dir",
-                 "the run asks for noise derived from its seed, which anyone knowing the seed can remove",
-                 "run with privacy.seeded_noise=false (each institution's noise comes from its own key)")
-    _require("records" in values, "records", "is missing",
-             "add records=<count> (the record count you declare publicly, at least your file's)")
+            _require(
+                key in values,
+                key,
+                "is missing: an institution with DP on must set it",
+                f"add {key}=... to --node-config ({NODE_KEYS[key][1]})",
+            )
+        _require(
+            not cfg.privacy.seeded_noise,
+            "state-dir",
+            "the run asks for noise derived from its seed, which anyone knowing the seed can remove",
+            "run with privacy.seeded_noise=false (each institution's noise comes from its own key)",
+        )
+    _require(
+        "records" in values,
+        "records",
+        "is missing",
+        "add records=<count> (the record count you declare publicly, at least your file's)",
+    )
     for key, field in PINNED_COLUMNS.items():
         pinned = values.get(key, field.removesuffix("_column"))
-        _require(cfg.data[field] == pinned, key, f"the run asks for column {cfg.data[field]!r}, this node "
-                 f"pins {pinned!r}", f"run with data.{field}={pinned}, or change the node's {key}")
+        _require(
+            cfg.data[field] == pinned,
+            key,
+            f"the run asks for column {cfg.data[field]!r}, this node pins {pinned!r}",
+            f"run with data.{field}={pinned}, or change the node's {key}",
+        )
     if cfg.model.task == "classification":
         _require("labels" in values, "labels", "is missing", 'add labels="<class>,<class>,..." (index order)')
         asked = None if cfg.data.labels is None else [str(x) for x in cfg.data.labels]
-        _require(asked in (None, values["labels"]), "labels", f"the run asks for labels {asked}, this node "
-                 f"pins {values['labels']}", f"run with data.labels=[{','.join(values['labels'])}]")
+        _require(
+            asked in (None, values["labels"]),
+            "labels",
+            f"the run asks for labels {asked}, this node pins {values['labels']}",
+            f"run with data.labels=[{','.join(values['labels'])}]",
+        )
         cfg.data.labels = values["labels"]
 
 
@@ -185,8 +260,12 @@ def resolve_delta(cfg: DictConfig, policy: NodePolicy, records: int) -> float:
     delta = 1.0 / (10.0 * records) if cfg.privacy.delta is None else float(cfg.privacy.delta)
     delta = delta if policy.max_delta is None else min(delta, policy.max_delta)
     # records >= the true count, so delta < 1/records also keeps delta below 1/n.
-    _require(delta < 1.0 / records, "records", f"delta {delta:g} >= 1/records = {1.0 / records:.3g}, which "
-             "permits releasing a whole record", f"use privacy.delta (or max-delta) below {1.0 / records:.3g}")
+    _require(
+        delta < 1.0 / records,
+        "records",
+        f"delta {delta:g} >= 1/records = {1.0 / records:.3g}, which permits releasing a whole record",
+        f"use privacy.delta (or max-delta) below {1.0 / records:.3g}",
+    )
     return delta
 
 
@@ -200,11 +279,23 @@ def simulation_state_dir(study: str, partition: int) -> Path:
 
 def markdown() -> str:
     """The node-config keys as the table docs/privacy.md shows (generated, so it cannot drift)."""
-    flags = {"data-path": "--data", "state-dir": "--state-dir", "epsilon": "--epsilon", "max-delta": "--max-delta",
-             "records": "--records", "labels": "--labels", "text-column": "--text-column",
-             "label-column": "--label-column", "allow-non-private": "--allow-non-private", "name": "--name",
-             "batch-size": "--batch-size", "device": "--device"}
+    flags = {
+        "data-path": "--data",
+        "state-dir": "--state-dir",
+        "epsilon": "--epsilon",
+        "max-delta": "--max-delta",
+        "records": "--records",
+        "labels": "--labels",
+        "text-column": "--text-column",
+        "label-column": "--label-column",
+        "allow-non-private": "--allow-non-private",
+        "name": "--name",
+        "batch-size": "--batch-size",
+        "device": "--device",
+    }
     rows = ["| node-config key | `supernode.sh` flag | type | meaning |", "|---|---|---|---|"]
-    rows += [f"| `{key}` | {f'`{flags[key]}`' if key in flags else ''} | {kind.__name__} | {meaning} |"
-             for key, (kind, meaning) in NODE_KEYS.items()]
+    rows += [
+        f"| `{key}` | {f'`{flags[key]}`' if key in flags else ''} | {kind.__name__} | {meaning} |"
+        for key, (kind, meaning) in NODE_KEYS.items()
+    ]
     return "\n".join(rows)

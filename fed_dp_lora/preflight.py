@@ -28,8 +28,10 @@ def check(data: str, records: int, labels: list[str] | None, text_column: str, l
         raise DataError(f"data file {data} has no column {text_column!r}. Fix: pass --text-column")
     usable = len(table)
     if usable > records:
-        raise DataError(f"data file {data} holds {usable} usable records, more than --records {records}. "
-                        f"Fix: declare --records {usable} or more (the count you accept to make public)")
+        raise DataError(
+            f"data file {data} holds {usable} usable records, more than --records {records}. "
+            f"Fix: declare --records {usable} or more (the count you accept to make public)"
+        )
     dropped = table.attrs.get("dropped", {})
     return f"{data}: {usable} usable records (declared {records})" + (f", dropped {dropped}" if dropped else "")
 

@@ -28,17 +28,16 @@ PARTITION_ID = "partition-id"
 # metric key -> why sending it reveals nothing about any record beyond the DP release.
 METRICS: dict[str, str] = {
     NUM_EXAMPLES: "the institution's declared record count (node-config `records`; in simulation the "
-                  "partition size of a public data set): public metadata, never the file's count. "
-                  "It is the FedAvg weight Flower's strategies read",
+    "partition size of a public data set): public metadata, never the file's count. "
+    "It is the FedAvg weight Flower's strategies read",
     EPSILON: "the study's epsilon from the ledger: a function of the noise multiplier, q, steps and "
-             "delta, all public or server-supplied",
+    "delta, all public or server-supplied",
     DELTA: "min(run's delta or 1/(10 records), node `max-delta`): public",
     NOISE_MULTIPLIER: "calibrated from the budgets, q, steps and delta (public), or the run's own value",
     SAMPLE_RATE: "q = batch size / declared records: public",
     STEPS: "round(epochs / q): public",
     STEPS_TOTAL: "the study's steps so far: a function of the public plan and of the server's requests",
-    REPLAYED: "1 when the kept release is sent again for a repeated request: depends only on what "
-              "the server asked",
+    REPLAYED: "1 when the kept release is sent again for a repeated request: depends only on what the server asked",
     PARTITION_ID: "simulation only: the public slot of a simulated client",
 }
 
@@ -80,8 +79,10 @@ def metrics(values: Mapping[str, float]) -> dict[str, float]:
     """The reply's metrics; refuses any key that is not on the allowlist."""
     unknown = sorted(set(values) - set(METRICS))
     if unknown:
-        raise KeyError(f"metric(s) {unknown} are not on the reply allowlist (fed_dp_lora/reply.py). "
-                       "Anything computed from records goes to the local log")
+        raise KeyError(
+            f"metric(s) {unknown} are not on the reply allowlist (fed_dp_lora/reply.py). "
+            "Anything computed from records goes to the local log"
+        )
     return {k: float(v) for k, v in values.items()}
 
 
@@ -94,8 +95,11 @@ def node_fields(values: Mapping[str, str]) -> dict[str, str]:
 
 def markdown() -> str:
     """The allowlist as the table docs/privacy.md shows (generated, so it cannot drift)."""
-    rows = ["| reply field | why the server may see it |", "|---|---|",
-            "| `arrays` | the adapter after DP-SGD: the accounted mechanism (or its int8 post-processing) |"]
+    rows = [
+        "| reply field | why the server may see it |",
+        "|---|---|",
+        "| `arrays` | the adapter after DP-SGD: the accounted mechanism (or its int8 post-processing) |",
+    ]
     rows += [f"| metric `{k}` | {why} |" for k, why in METRICS.items()]
     rows += [f"| `{NODE_RECORD}.{k}` | {why} |" for k, why in NODE_FIELDS.items()]
     rows += ["", "| error code | fixed text |", "|---|---|"]

@@ -17,13 +17,17 @@ if TYPE_CHECKING:  # the report records what the strategies return; it never imp
     from fed_dp_lora.strategies.outcome import RoundOutcome
 
 PRIVACY_UNIT = "record: one row (one sequence) of one client's data; epsilon is per client"
-RELATION = ("add/remove one record of one institution (its record count is private: sampling rate, steps, "
-            "delta and aggregation weights come from the count it declares publicly, node-config `records`)")
+RELATION = (
+    "add/remove one record of one institution (its record count is private: sampling rate, steps, "
+    "delta and aggregation weights come from the count it declares publicly, node-config `records`)"
+)
 REPLY = "only the keys of fed_dp_lora/reply.py: the adapter, public or accounted metrics, fixed error texts"
 
 SECRET_NOISE = "a secret key per client and run (never sent): nobody else can reproduce the noise"
-SEEDED_NOISE = ("derived from the run's `seed` (privacy.seeded_noise=true): reproducible, so the guarantee "
-                "holds only against parties who do not know the seed")
+SEEDED_NOISE = (
+    "derived from the run's `seed` (privacy.seeded_noise=true): reproducible, so the guarantee "
+    "holds only against parties who do not know the seed"
+)
 
 
 def _finite(value: float) -> float | str:
@@ -48,8 +52,13 @@ class RunReport:
 
     def state_dict(self) -> dict[str, Any]:
         """What a resumed run needs to go on writing the same summary (see checkpoint.py)."""
-        return {"rounds": self.rounds, "clients": self.clients, "user_level": self.user_level,
-                "run": self.run, "elapsed": time.time() - self.started}
+        return {
+            "rounds": self.rounds,
+            "clients": self.clients,
+            "user_level": self.user_level,
+            "run": self.run,
+            "elapsed": time.time() - self.started,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.rounds = list(state["rounds"])
@@ -60,8 +69,7 @@ class RunReport:
 
     def record_round(self, outcome: RoundOutcome) -> None:
         """Everything an aggregator returned about one round (strategies/outcome.py)."""
-        self.record_train(outcome.server_round, outcome.clients, outcome.failures, outcome.bytes_up,
-                          outcome.bytes_down)
+        self.record_train(outcome.server_round, outcome.clients, outcome.failures, outcome.bytes_up, outcome.bytes_down)
         if outcome.strategy:
             self.record_strategy(outcome.server_round, outcome.strategy)
         if outcome.timing:

@@ -102,38 +102,59 @@ def summary_tables(summary: dict[str, Any]) -> list[tuple[str, list[str], list[l
     rounds = summary["rounds"]
     metric_keys = [k for k in SHOWN_METRICS if any(k in r.get("metrics", {}) for r in rounds)]
     per_round = [
-        [str(r["round"])] + [fmt(r.get("metrics", {}).get(k, "")) for k in metric_keys]
-        + [fmt(max(map(float, r["epsilon"].values()))) if r.get("epsilon") else "-",
-           str(len(r["clients"])), str(len(r["failures"])),
-           f"{r['bytes']['up'] / 1e6:.2f}", f"{r['bytes']['down'] / 1e6:.2f}"]
+        [str(r["round"])]
+        + [fmt(r.get("metrics", {}).get(k, "")) for k in metric_keys]
+        + [
+            fmt(max(map(float, r["epsilon"].values()))) if r.get("epsilon") else "-",
+            str(len(r["clients"])),
+            str(len(r["failures"])),
+            f"{r['bytes']['up'] / 1e6:.2f}",
+            f"{r['bytes']['down'] / 1e6:.2f}",
+        ]
         for r in rounds
     ]
     privacy = summary["privacy"]
     clients = sorted({c for r in rounds for c in r["clients"]} | {c for r in rounds for c in r["failures"]})
     participation = [
-        [c, str(sum(c in r["clients"] for r in rounds)), fmt(privacy["epsilon"].get(c, "-")),
-         "; ".join(f"round {r['round']}: {r['failures'][c]}" for r in rounds if c in r["failures"]) or "-"]
+        [
+            c,
+            str(sum(c in r["clients"] for r in rounds)),
+            fmt(privacy["epsilon"].get(c, "-")),
+            "; ".join(f"round {r['round']}: {r['failures'][c]}" for r in rounds if c in r["failures"]) or "-",
+        ]
         for c in clients
     ]
     tables = [
-        ("Rounds", ["round", *metric_keys, "max client epsilon", "clients", "failed", "up MB", "down MB"],
-         per_round),
+        ("Rounds", ["round", *metric_keys, "max client epsilon", "clients", "failed", "up MB", "down MB"], per_round),
         ("Clients", ["client", "rounds trained", "epsilon", "failures"], participation),
     ]
-    audit = privacy.get("audit") or {}
+    audit_table = _audit_table(privacy.get("audit") or {})
+    if audit_table is not None:
+        tables.append(audit_table)
+    return tables
+
+
+def _audit_table(audit: dict[str, Any]) -> tuple[str, list[str], list[list[str]]] | None:
+    """The final-model audit and the release audit, each a row, if the run had either."""
     audits = [("final global adapter, input canaries", audit)] if "epsilon_lower" in audit else []
     if audit.get("release"):
         audits.append((f"{audit['release']['client']}'s releases, gradient canaries", audit["release"]))
-    if audits:
-        tables.append((
-            "Privacy audit",
-            ["audited", "epsilon lower bound", "claimed epsilon", "canaries", "guesses", "correct", "confidence"],
-            [[what, fmt(a["epsilon_lower"]),
-              fmt(a["claimed_epsilon"] if a["claimed_epsilon"] is not None else "privacy off"),
-              str(a["canaries"]), str(a["guesses"]), str(a["correct"]), fmt(a["confidence"])]
-             for what, a in audits],
-        ))
-    return tables
+    if not audits:
+        return None
+    header = ["audited", "epsilon lower bound", "claimed epsilon", "canaries", "guesses", "correct", "confidence"]
+    rows = [
+        [
+            what,
+            fmt(a["epsilon_lower"]),
+            fmt(a["claimed_epsilon"] if a["claimed_epsilon"] is not None else "privacy off"),
+            str(a["canaries"]),
+            str(a["guesses"]),
+            str(a["correct"]),
+            fmt(a["confidence"]),
+        ]
+        for what, a in audits
+    ]
+    return "Privacy audit", header, rows
 
 
 def headline(summary: dict[str, Any]) -> list[str]:
@@ -141,10 +162,14 @@ def headline(summary: dict[str, Any]) -> list[str]:
     eps = [float(e) for e in privacy["epsilon"].values()]
     lines = [
         f"Rounds: {len(summary['rounds'])}",
-        "Privacy: " + ("off" if not privacy["enabled"] else
-                       f"on, record-level, budget {privacy['budget']}, "
-                       + (f"max client epsilon {max(eps):.4g}" if eps else "no client epsilon reported yet")
-                       + f" ({privacy['accountant']})"),
+        "Privacy: "
+        + (
+            "off"
+            if not privacy["enabled"]
+            else f"on, record-level, budget {privacy['budget']}, "
+            + (f"max client epsilon {max(eps):.4g}" if eps else "no client epsilon reported yet")
+            + f" ({privacy['accountant']})"
+        ),
         f"Unit: {privacy['unit']}",
     ]
     final = {k: v for k, v in summary["final"].items() if k != "majority_baseline"}
@@ -179,19 +204,29 @@ def write_report(summary: dict[str, Any], out_dir: Path) -> tuple[Path, Path]:
     body = ["<h1>fed-dp-lora run report</h1>", "<ul>"]
     body += [f"<li>{html.escape(line)}</li>" for line in headline(summary)] + ["</ul>"]
     for title, header, rows in tables:
-        body.append(f"<h2>{html.escape(title)}</h2><table><tr>"
-                    + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr>")
+        body.append(
+            f"<h2>{html.escape(title)}</h2><table><tr>"
+            + "".join(f"<th>{html.escape(h)}</th>" for h in header)
+            + "</tr>"
+        )
         body += ["<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows]
         body.append("</table>")
     body.append("<h2>Plots</h2>")
     for p in images:
         data = base64.b64encode(p.read_bytes()).decode()
         body.append(f'<img alt="{p.stem}" src="data:image/png;base64,{data}">')
-    style = ("body{font-family:sans-serif;max-width:960px;margin:2em auto}"
-             "table{border-collapse:collapse;margin-bottom:1em}td,th{border:1px solid #bbb;padding:3px 8px}")
+    style = (
+        "body{font-family:sans-serif;max-width:960px;margin:2em auto}"
+        "table{border-collapse:collapse;margin-bottom:1em}td,th{border:1px solid #bbb;padding:3px 8px}"
+    )
     html_path = out_dir / "report.html"
-    write_atomic(html_path, (f"<!doctype html><html><head><meta charset='utf-8'><title>fed-dp-lora run report"
-                             f"</title><style>{style}</style></head><body>{''.join(body)}</body></html>").encode())
+    write_atomic(
+        html_path,
+        (
+            f"<!doctype html><html><head><meta charset='utf-8'><title>fed-dp-lora run report"
+            f"</title><style>{style}</style></head><body>{''.join(body)}</body></html>"
+        ).encode(),
+    )
     return md_path, html_path
 
 

@@ -66,8 +66,10 @@ class ServerRun:
         if self.central.majority:
             log(INFO, "Majority-class baseline on the central test set: %s", self.central.majority)
         if self.central.length_info:
-            log(WARNING if self.central.length_warning else INFO,
-                self.central.length_warning or self.central.length_info)
+            log(
+                WARNING if self.central.length_warning else INFO,
+                self.central.length_warning or self.central.length_info,
+            )
         self.final: State = dict(self.initial)  # the last global adapter: what the canary audit reads
 
     def execute(self, grid: Grid, context: Context) -> None:
@@ -90,8 +92,9 @@ class ServerRun:
             evaluated_at = time.perf_counter()
             self.final.update(state)
             self.central.save_adapter(state, self.out / "adapters" / f"round-{server_round}")
-            self.report.record_timing(server_round, {"evaluate": evaluated_at - started,
-                                                     "save": time.perf_counter() - evaluated_at})
+            self.report.record_timing(
+                server_round, {"evaluate": evaluated_at - started, "save": time.perf_counter() - evaluated_at}
+            )
             if metrics is not None:
                 self.report.record_eval(server_round, metrics)
                 self._warn_majority(server_round, metrics)
@@ -117,8 +120,13 @@ class ServerRun:
         """The audits of the final adapter, the summary and the report page."""
         if self.canary_audit is not None:
             audit = self.report.audit = self.canary_audit.result(self.final, *self.report.claim())
-            log(INFO, "Privacy audit: epsilon lower bound %.3f at %.0f%% confidence (claimed: %s)",
-                audit["epsilon_lower"], 100 * audit["confidence"], audit["claimed_epsilon"])
+            log(
+                INFO,
+                "Privacy audit: epsilon lower bound %.3f at %.0f%% confidence (claimed: %s)",
+                audit["epsilon_lower"],
+                100 * audit["confidence"],
+                audit["claimed_epsilon"],
+            )
         if self.release_audit is not None:
             self.report.release_audit = self.release_audit.result()
             log(INFO if self.release_audit.rounds else WARNING, self.release_audit.progress_line())
@@ -135,8 +143,9 @@ class ServerRun:
         start = self._start(strategy)
         resumed = self.resumed
         if resumed is not None and resumed.report["run"]["stopped"]:
-            log(INFO, "fed-dp-lora: the run had stopped early (%s); nothing to resume",
-                resumed.report["run"]["stopped"])
+            log(
+                INFO, "fed-dp-lora: the run had stopped early (%s); nothing to resume", resumed.report["run"]["stopped"]
+            )
             return
         first = 1 if resumed is None else resumed.completed_round + 1
 
@@ -147,9 +156,15 @@ class ServerRun:
             self.evaluate_state(server_round, state)
             self._save_checkpoint(strategy, server_round, state)  # again, now with the round's metrics
 
-        run_rounds(strategy, grid, ArrayRecord(start), range(first, self.rounds + 1),
-                   ConfigRecord({"study-id": self.report.run["study"]}), float(self.cfg.strategy.round_timeout),
-                   after_round)
+        run_rounds(
+            strategy,
+            grid,
+            ArrayRecord(start),
+            range(first, self.rounds + 1),
+            ConfigRecord({"study-id": self.report.run["study"]}),
+            float(self.cfg.strategy.round_timeout),
+            after_round,
+        )
 
     def _start(self, strategy: CheckedAggregation) -> State:
         """The adapter the first round starts from: the initial one, or a stopped run's last."""
@@ -165,8 +180,13 @@ class ServerRun:
         resumed.restore_rng()
         if self.release_audit is not None and resumed.audit is not None:
             self.release_audit.load_state_dict(resumed.audit)
-        log(INFO, "fed-dp-lora: resuming study %s after round %d of %d", self.report.run["study"],
-            resumed.completed_round, self.rounds)
+        log(
+            INFO,
+            "fed-dp-lora: resuming study %s after round %d of %d",
+            self.report.run["study"],
+            resumed.completed_round,
+            self.rounds,
+        )
         self.final.update(resumed.adapter)
         self.report.write()
         if not (self.out / "adapters" / f"round-{resumed.completed_round}").is_dir():
@@ -176,11 +196,19 @@ class ServerRun:
 
     def _save_checkpoint(self, strategy: CheckedAggregation, server_round: int, adapter: State) -> None:
         release = self.release_audit
-        checkpoint.save(self.out, checkpoint.Checkpoint(
-            study=self.report.run["study"], completed_round=server_round, config=self.report.config,
-            adapter=dict(adapter), strategy=strategy.state_dict(), report=self.report.state_dict(),
-            python_rng=random.getstate(), audit=release.state_dict() if release is not None else None,
-        ))
+        checkpoint.save(
+            self.out,
+            checkpoint.Checkpoint(
+                study=self.report.run["study"],
+                completed_round=server_round,
+                config=self.report.config,
+                adapter=dict(adapter),
+                strategy=strategy.state_dict(),
+                report=self.report.state_dict(),
+                python_rng=random.getstate(),
+                audit=release.state_dict() if release is not None else None,
+            ),
+        )
 
     # -- SecAgg+, on Flower's legacy workflow -------------------------------------------------
 
@@ -189,5 +217,6 @@ class ServerRun:
         self.report.run["study"] = checkpoint.new_study()
         self.report.write()
         dp = user_level_dp(self.cfg) if self.cfg.strategy.name == "dp-fedavg" else None
-        run_secagg(grid, context, self.cfg, self.initial, self.evaluate_state, self.record, dp,
-                   self.report.run["study"])
+        run_secagg(
+            grid, context, self.cfg, self.initial, self.evaluate_state, self.record, dp, self.report.run["study"]
+        )

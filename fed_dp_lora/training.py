@@ -72,10 +72,16 @@ class Encoded:
         width = self.input_ids.shape[1]
         mask = torch.zeros((count, width), dtype=self.attention_mask.dtype)
         mask[:, 0] = 1
-        labels = torch.zeros(count, dtype=torch.long) if self.labels.dim() == 1 else \
-            torch.full((count, width), IGNORE, dtype=torch.long)
-        return {"input_ids": torch.full((count, width), self.pad_token_id, dtype=torch.long),
-                "attention_mask": mask, "labels": labels}
+        labels = (
+            torch.zeros(count, dtype=torch.long)
+            if self.labels.dim() == 1
+            else torch.full((count, width), IGNORE, dtype=torch.long)
+        )
+        return {
+            "input_ids": torch.full((count, width), self.pad_token_id, dtype=torch.long),
+            "attention_mask": mask,
+            "labels": labels,
+        }
 
 
 def _to_device(rows: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
@@ -101,8 +107,11 @@ def encode(table: pd.DataFrame, tokenizer: PreTrainedTokenizerBase, cfg: DictCon
     max_length = int(cfg.train.max_length)
     if cfg.model.task == "classification":
         enc = tokenizer(
-            list(table["text"]), truncation=True, max_length=max_length,
-            padding="max_length", return_tensors="pt",
+            list(table["text"]),
+            truncation=True,
+            max_length=max_length,
+            padding="max_length",
+            return_tensors="pt",
         )
         labels = torch.tensor(table["label"].to_numpy(), dtype=torch.long)
         return Encoded(enc["input_ids"], enc["attention_mask"], labels, int(tokenizer.pad_token_id))
@@ -113,21 +122,21 @@ def encode(table: pd.DataFrame, tokenizer: PreTrainedTokenizerBase, cfg: DictCon
     for i, (prompt_ids, response_ids) in enumerate(rows):
         # Keep the response: cut the prompt from the left when the pair is too long.
         response_ids = response_ids[: max_length - 1]
-        prompt_ids = prompt_ids[-(max_length - len(response_ids)):]
+        prompt_ids = prompt_ids[-(max_length - len(response_ids)) :]
         seq = prompt_ids + response_ids
         ids[i, : len(seq)] = torch.tensor(seq)
         mask[i, : len(seq)] = 1
-        labels[i, len(prompt_ids): len(seq)] = torch.tensor(response_ids)
+        labels[i, len(prompt_ids) : len(seq)] = torch.tensor(response_ids)
     return Encoded(ids, mask, labels, int(tokenizer.pad_token_id))
 
 
-def _prompt_response_ids(
-    prompt: str, response: str, tokenizer: PreTrainedTokenizerBase
-) -> tuple[list[int], list[int]]:
+def _prompt_response_ids(prompt: str, response: str, tokenizer: PreTrainedTokenizerBase) -> tuple[list[int], list[int]]:
     """Instruction format: the chat template when the tokenizer has one."""
     if tokenizer.chat_template:
         prompt_ids = tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True,
+            [{"role": "user", "content": prompt}],
+            add_generation_prompt=True,
+            tokenize=True,
             return_dict=False,
         )
     else:
@@ -146,8 +155,10 @@ def per_sample_losses(
         return F.cross_entropy(logits.float(), labels, weight=class_weights, reduction="none")
     shift_logits, shift_labels = logits[:, :-1].float(), labels[:, 1:]
     token_loss = F.cross_entropy(
-        shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1),
-        ignore_index=IGNORE, reduction="none",
+        shift_logits.reshape(-1, shift_logits.shape[-1]),
+        shift_labels.reshape(-1),
+        ignore_index=IGNORE,
+        reduction="none",
     ).view(shift_labels.shape)
     counts = (shift_labels != IGNORE).sum(dim=1).clamp(min=1)
     return token_loss.sum(dim=1) / counts  # mean over the record's own response tokens
@@ -273,7 +284,7 @@ def evaluate(model: nn.Module, data: Encoded, batch_size: int) -> dict[str, floa
     outputs, total_loss, total_tokens = [], 0.0, 0
     order = by_length(data)
     for start in range(0, len(data), batch_size):
-        batch = data.batch(order[start:start + batch_size], device)
+        batch = data.batch(order[start : start + batch_size], device)
         if classification:
             with compute_precision(device):
                 logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
@@ -301,7 +312,7 @@ def record_losses(model: nn.Module, data: Encoded, batch_size: int) -> np.ndarra
     losses = torch.empty(len(data), dtype=torch.float64)
     order = by_length(data)
     for start in range(0, len(data), batch_size):
-        index = order[start:start + batch_size]
+        index = order[start : start + batch_size]
         losses[index] = per_sample_losses(model, data.batch(index, device), None).double().cpu()
     return losses.numpy()
 

@@ -48,8 +48,8 @@ def update_problem(arrays: ArrayRecord, reference: ArrayRecord, max_norm: float 
 
 # --- 8-bit uploads ---------------------------------------------------------------------------
 
-UPLOAD_KEY = "upload"            # ConfigRecord in a reply: how its "arrays" are encoded
-INT8_UPDATE = "int8-update"      # the update (local - global), int8 per element + a scale per tensor
+UPLOAD_KEY = "upload"  # ConfigRecord in a reply: how its "arrays" are encoded
+INT8_UPDATE = "int8-update"  # the update (local - global), int8 per element + a scale per tensor
 SCALE_SUFFIX = "|scale"
 
 
@@ -87,8 +87,8 @@ def decode_int8_update(arrays: ArrayRecord, reference: ArrayRecord) -> ArrayReco
 
 # --- SecAgg+ (legacy fitins/fitres layout, what secaggplus_mod reads and writes) ----------
 
-SECAGG_KEYS = "secagg-keys"          # tensor names, newline-separated: legacy Parameters are a list
-SECAGG_CLIP = "secagg-clip-norm"     # DP-FedAvg: clip the update to this before masking
+SECAGG_KEYS = "secagg-keys"  # tensor names, newline-separated: legacy Parameters are a list
+SECAGG_CLIP = "secagg-clip-norm"  # DP-FedAvg: clip the update to this before masking
 SECAGG_EQUAL = "secagg-equal-weights"  # DP-FedAvg: every update weighs 1, not num-examples
 
 

@@ -22,8 +22,6 @@ def test_ruff_finds_nothing_in_the_package():
     assert done.returncode == 0, done.stdout + done.stderr
 
 
-@pytest.mark.xfail(strict=True, reason="the package is formatted once, after the open branches merge (`ruff format "
-                   "fed_dp_lora`); this then passes, and strict xfail fails until this marker is removed")
 def test_the_package_is_formatted():
     done = _run("ruff", "format", "--check", "fed_dp_lora")
     assert done.returncode == 0, done.stdout + done.stderr

@@ -62,6 +62,6 @@ def guesses(scores: np.ndarray, included: np.ndarray, r: int) -> tuple[int, int]
         raise ValueError("one score per canary")
     half = r // 2
     order = np.argsort(scores, kind="stable")
-    guessed_out, guessed_in = order[:half], order[len(order) - half:]
+    guessed_out, guessed_in = order[:half], order[len(order) - half :]
     correct = int(included[guessed_in].sum() + (~included[guessed_out]).sum())
     return 2 * half, correct

@@ -66,15 +66,20 @@ class StepCanaries:
     which steps took a canary would face a weaker mechanism than the accountant's.
     """
 
-    def __init__(self, canaries: DiracCanaries, model: nn.Module, rate: float, clip_norm: float,
-                 generator: torch.Generator) -> None:
+    def __init__(
+        self, canaries: DiracCanaries, model: nn.Module, rate: float, clip_norm: float, generator: torch.Generator
+    ) -> None:
         names = {p: n for n, p in model.named_parameters() if p.requires_grad}
         if set(names.values()) != set(canaries.names):
             raise ValueError("the canaries were drawn for another adapter layout")
         chosen = np.flatnonzero(canaries.included)
-        self.where = {name: (torch.from_numpy(canaries.offset[chosen][canaries.tensor[chosen] == i]),
-                             torch.from_numpy(np.flatnonzero(canaries.tensor[chosen] == i)))
-                      for i, name in enumerate(canaries.names)}
+        self.where = {
+            name: (
+                torch.from_numpy(canaries.offset[chosen][canaries.tensor[chosen] == i]),
+                torch.from_numpy(np.flatnonzero(canaries.tensor[chosen] == i)),
+            )
+            for i, name in enumerate(canaries.names)
+        }
         self.values = torch.from_numpy(canaries.sign[chosen] * clip_norm).float()
         self.names = names
         self.rate = rate

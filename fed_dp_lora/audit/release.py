@@ -35,13 +35,16 @@ from fed_dp_lora.config import ConfigError
 from fed_dp_lora.reply import DELTA, EPSILON, PARTITION_ID
 from fed_dp_lora.wire import scalar
 
-METHOD = ("Steinke, Nasr, Jagielski 2023, one training run, white-box: Dirac gradient canaries "
-          "Poisson-sampled into one client's DP steps")
+METHOD = (
+    "Steinke, Nasr, Jagielski 2023, one training run, white-box: Dirac gradient canaries "
+    "Poisson-sampled into one client's DP steps"
+)
 SCORE = "canary-direction descent of its coordinate, (global - release) * sign, summed over rounds"
 
 
-def release_canaries(cfg: DictConfig, partition: tuple[int, int] | None, model: nn.Module, rate: float,
-                    sampling: torch.Generator | None) -> StepCanaries | None:
+def release_canaries(
+    cfg: DictConfig, partition: tuple[int, int] | None, model: nn.Module, rate: float, sampling: torch.Generator | None
+) -> StepCanaries | None:
     """The engine's `extra` for the audited client; None for every other client."""
     audit = cfg.audit.release
     if not audit.enabled or partition is None or partition[0] != int(audit.client):
@@ -61,14 +64,15 @@ class ReleaseAudit:
         self.confidence = float(cfg.audit.confidence)
         sizes = {n: t.numel() for n, t in adapter.items()}
         if int(audit.canaries) > sum(sizes.values()):
-            raise ConfigError(f"audit.release.canaries: {audit.canaries} canaries need as many coordinates, the "
-                              f"adapter has {sum(sizes.values())}. Fix: use fewer canaries")
+            raise ConfigError(
+                f"audit.release.canaries: {audit.canaries} canaries need as many coordinates, the "
+                f"adapter has {sum(sizes.values())}. Fix: use fewer canaries"
+            )
         self.canaries = DiracCanaries.draw(sizes, int(audit.canaries), int(cfg.audit.seed))
         self.scores = np.zeros(len(self.canaries))
         self.rounds: list[dict[str, Any]] = []
 
-    def observe(self, server_round: int, metrics: MetricRecord, release: ArrayRecord,
-                reference: ArrayRecord) -> None:
+    def observe(self, server_round: int, metrics: MetricRecord, release: ArrayRecord, reference: ArrayRecord) -> None:
         """Score one accepted update (as decoded by the strategy); others' updates are ignored."""
         if PARTITION_ID not in metrics or int(scalar(metrics[PARTITION_ID])) != self.client:
             return
@@ -77,10 +81,16 @@ class ReleaseAudit:
         claimed = scalar(metrics[EPSILON]) if EPSILON in metrics else None
         delta = scalar(metrics[DELTA]) if DELTA in metrics else 0.0
         made, correct = guesses(self.scores, self.canaries.included, self.guesses)
-        self.rounds.append({
-            "round": server_round, "claimed_epsilon": claimed, "delta": delta, "guesses": made,
-            "correct": correct, "epsilon_lower": self._bound(made, correct, delta),
-        })
+        self.rounds.append(
+            {
+                "round": server_round,
+                "claimed_epsilon": claimed,
+                "delta": delta,
+                "guesses": made,
+                "correct": correct,
+                "epsilon_lower": self._bound(made, correct, delta),
+            }
+        )
 
     def _read(self, arrays: ArrayRecord) -> np.ndarray:
         return self.canaries.read({name: arrays[name].numpy() for name in self.canaries.names})
@@ -90,8 +100,11 @@ class ReleaseAudit:
 
     def result(self) -> dict[str, Any]:
         """The record for summary.json's privacy.audit.release (final = the last round seen)."""
-        last: dict[str, Any] = self.rounds[-1] if self.rounds else {"claimed_epsilon": None, "delta": 0.0, "guesses": 0,
-                                                    "correct": 0, "epsilon_lower": 0.0}
+        last: dict[str, Any] = (
+            self.rounds[-1]
+            if self.rounds
+            else {"claimed_epsilon": None, "delta": 0.0, "guesses": 0, "correct": 0, "epsilon_lower": 0.0}
+        )
         return {
             "client": f"client-{self.client}",
             "epsilon_lower": last["epsilon_lower"],
@@ -112,12 +125,16 @@ class ReleaseAudit:
     def progress_line(self) -> str:
         """One line for the server's log; says so when the audited client never sent anything."""
         if not self.rounds:
-            return (f"Release audit: client-{self.client} sent no accepted update, nothing was audited. Fix: "
-                    "set audit.release.client to the partition id of a client that trains")
+            return (
+                f"Release audit: client-{self.client} sent no accepted update, nothing was audited. Fix: "
+                "set audit.release.client to the partition id of a client that trains"
+            )
         last = self.rounds[-1]
-        return (f"Release audit of client-{self.client}: epsilon lower bound {last['epsilon_lower']:.3f} at "
-                f"{self.confidence:.0%} confidence, {last['correct']} of {last['guesses']} guesses right over "
-                f"{len(self.rounds)} release(s) (claimed: {last['claimed_epsilon']})")
+        return (
+            f"Release audit of client-{self.client}: epsilon lower bound {last['epsilon_lower']:.3f} at "
+            f"{self.confidence:.0%} confidence, {last['correct']} of {last['guesses']} guesses right over "
+            f"{len(self.rounds)} release(s) (claimed: {last['claimed_epsilon']})"
+        )
 
     def state_dict(self) -> dict[str, Any]:
         """What a resumed run needs to go on scoring (see checkpoint.py)."""

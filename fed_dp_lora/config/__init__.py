@@ -14,5 +14,17 @@ from fed_dp_lora.config.root import RunConfig
 from fed_dp_lora.config.sections import ATTACKS
 from fed_dp_lora.config.strategy import ROBUST_STRATEGIES, STRATEGIES
 
-__all__ = ["ATTACKS", "CONF_DIR", "ConfigError", "PACKAGED_MODELS", "ROBUST_STRATEGIES", "RunConfig", "STRATEGIES",
-           "compose_config", "load_config", "to_plain", "typed", "validate"]
+__all__ = [
+    "ATTACKS",
+    "CONF_DIR",
+    "ConfigError",
+    "PACKAGED_MODELS",
+    "ROBUST_STRATEGIES",
+    "RunConfig",
+    "STRATEGIES",
+    "compose_config",
+    "load_config",
+    "to_plain",
+    "typed",
+    "validate",
+]

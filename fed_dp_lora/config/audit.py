@@ -16,17 +16,18 @@ class ReleaseAuditConfig(Group):
 
     enabled: bool = setting(False, "audit the releases of `audit.release.client`")
     client: int = setting(0, "partition id of the audited client (deployment: its node-config partition-id)")
-    canaries: int = setting(1000, "Dirac gradient canaries (one coordinate each), each a record with "
-                                  "probability 1/2")
-    guesses: int = setting(200, "fixed in advance: \"in\" for the guesses/2 highest scores, \"out\" for the "
-                                "lowest")
+    canaries: int = setting(1000, "Dirac gradient canaries (one coordinate each), each a record with probability 1/2")
+    guesses: int = setting(200, 'fixed in advance: "in" for the guesses/2 highest scores, "out" for the lowest')
 
     def validate(self) -> None:
         super().validate()
         require(self.client >= 0, self.key("client"), "must be a partition id >= 0", "e.g. 0")
-        require(2 <= self.guesses <= self.canaries and self.guesses % 2 == 0, self.key("guesses"),
-                f"{self.guesses} is not an even number in [2, audit.release.canaries={self.canaries}]",
-                "e.g. audit.release.guesses=200 with 1000 canaries")
+        require(
+            2 <= self.guesses <= self.canaries and self.guesses % 2 == 0,
+            self.key("guesses"),
+            f"{self.guesses} is not an even number in [2, audit.release.canaries={self.canaries}]",
+            "e.g. audit.release.guesses=200 with 1000 canaries",
+        )
 
 
 @dataclass
@@ -45,10 +46,16 @@ class AuditConfig(Group):
     def validate(self) -> None:
         super().validate()
         require(self.canaries >= 2, self.key("canaries"), "must be at least 2", "e.g. audit.canaries=500")
-        require(0.0 < self.guess_fraction <= 1.0 and int(self.canaries * self.guess_fraction) >= 2,
-                self.key("guess_fraction"),
-                f"{self.guess_fraction} of {self.canaries} canaries leaves fewer than 2 guesses",
-                "use a fraction in (0, 1] with canaries * fraction >= 2, e.g. 0.2")
-        require(0.5 <= self.confidence < 1.0, self.key("confidence"), f"{self.confidence} is not in [0.5, 1)",
-                "e.g. audit.confidence=0.95")
+        require(
+            0.0 < self.guess_fraction <= 1.0 and int(self.canaries * self.guess_fraction) >= 2,
+            self.key("guess_fraction"),
+            f"{self.guess_fraction} of {self.canaries} canaries leaves fewer than 2 guesses",
+            "use a fraction in (0, 1] with canaries * fraction >= 2, e.g. 0.2",
+        )
+        require(
+            0.5 <= self.confidence < 1.0,
+            self.key("confidence"),
+            f"{self.confidence} is not in [0.5, 1)",
+            "e.g. audit.confidence=0.95",
+        )
         self.release.validate()

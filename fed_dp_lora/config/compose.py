@@ -46,11 +46,15 @@ def _composition_error(err: HydraException | OmegaConfBaseException, overrides: 
     if isinstance(err, MissingConfigException) and err.options and err.missing_cfg_file:
         missing = str(err.missing_cfg_file)
         group = missing.rpartition("/")[0]
-        return (f"{group}: could not find '{missing}'. Fix: Available options in '{group}': "
-                f"{', '.join(err.options)} (groups are listed in conf/)")
+        return (
+            f"{group}: could not find '{missing}'. Fix: Available options in '{group}': "
+            f"{', '.join(err.options)} (groups are listed in conf/)"
+        )
     detail = " ".join(str(err).split())
-    return (f"invalid override in {overrides}: {detail}. Overrides look like "
-            "'privacy.epsilon=1 lora.r=16' or 'privacy=none'; groups are listed in conf/.")
+    return (
+        f"invalid override in {overrides}: {detail}. Overrides look like "
+        "'privacy.epsilon=1 lora.r=16' or 'privacy=none'; groups are listed in conf/."
+    )
 
 
 def _omegaconf_cause(err: BaseException) -> OmegaConfBaseException | None:
@@ -93,8 +97,12 @@ def _refuse_loose_booleans(overrides: list[str]) -> None:
         spec = lookup(override.key_or_group)
         if spec is not None and spec.kind is bool and not override.is_delete():
             value = override.value()
-            require(isinstance(value, bool), override.key_or_group, f"{value!r} is not true or false",
-                    f"set {override.key_or_group} to true or false")
+            require(
+                isinstance(value, bool),
+                override.key_or_group,
+                f"{value!r} is not true or false",
+                f"set {override.key_or_group} to true or false",
+            )
 
 
 def load_config(run_config: Mapping[str, Any]) -> DictConfig:
@@ -105,8 +113,12 @@ def load_config(run_config: Mapping[str, Any]) -> DictConfig:
     resume = run_config.get("resume", False)
     if isinstance(resume, str):  # `-c resume=true` arrives as a bool; a quoted value as text
         resume = {"true": True, "false": False}.get(resume.strip().lower(), resume)
-    require(isinstance(resume, bool), "resume", f"{resume!r} is not true or false",
-            "pass -c resume=true to continue a stopped run, or leave it out")
+    require(
+        isinstance(resume, bool),
+        "resume",
+        f"{resume!r} is not true or false",
+        "pass -c resume=true to continue a stopped run, or leave it out",
+    )
     cfg.resume = resume
     validate(cfg)
     return cfg

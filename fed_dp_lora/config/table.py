@@ -40,8 +40,11 @@ def _default(spec: FieldSpec, run: dict[str, Any]) -> str:
 def _meaning(spec: FieldSpec) -> str:
     text = spec.help
     if spec.choices:
-        text = f"one of {', '.join(f'`{c}`' for c in spec.choices)}: {text}" if text else \
-            f"one of {', '.join(f'`{c}`' for c in spec.choices)}"
+        text = (
+            f"one of {', '.join(f'`{c}`' for c in spec.choices)}: {text}"
+            if text
+            else f"one of {', '.join(f'`{c}`' for c in spec.choices)}"
+        )
     if spec.key.startswith("strategy."):
         field = spec.key.partition(".")[2]
         names = [n for n, schema in SCHEMAS.items() if field in {f.name for f in dataclasses.fields(schema)}]

@@ -54,9 +54,7 @@ def _partitioner(cfg: DictConfig, num_partitions: int) -> Partitioner:
     return NaturalIdPartitioner(partition_by=str(cfg.data.partition_column))
 
 
-def client_partition(
-    train: pd.DataFrame, cfg: DictConfig, partition_id: int, num_partitions: int
-) -> pd.DataFrame:
+def client_partition(train: pd.DataFrame, cfg: DictConfig, partition_id: int, num_partitions: int) -> pd.DataFrame:
     """Records of one simulated client; errors name the key to change."""
     if num_partitions > len(train):
         raise ConfigError(

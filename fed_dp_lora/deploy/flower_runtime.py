@@ -72,9 +72,14 @@ def write_audit(path: Path | None, verdict: Verdict) -> None:
     """One JSON line per task in the institution's local log: which bundle, and what was decided."""
     entry = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "run_id": _run_id(), **verdict.to_dict()}
     level = INFO if verdict.accepted else ERROR
-    log(level, "fed-dp-lora launcher: app %s %s (run %s)%s", verdict.fab_hash[:12],
-        f"accepted ({verdict.source})" if verdict.accepted else "REFUSED", entry["run_id"],
-        "" if verdict.source == "installed" else ": " + "; ".join(verdict.problems[:5]))
+    log(
+        level,
+        "fed-dp-lora launcher: app %s %s (run %s)%s",
+        verdict.fab_hash[:12],
+        f"accepted ({verdict.source})" if verdict.accepted else "REFUSED",
+        entry["run_id"],
+        "" if verdict.source == "installed" else ": " + "; ".join(verdict.problems[:5]),
+    )
     if path is not None:
         with open(path, "a", encoding="utf-8") as out:
             out.write(json.dumps(entry) + "\n")
@@ -150,7 +155,8 @@ def run_task(spec: ExecutionSpec, policy: AppPolicy, audit_log: Path | None) -> 
         fresh_process_rng()
         route_app_loading(policy, audit_log)
         flower_clientapp.pull_and_inflate_object_from_tree = partial(
-            flower_clientapp.pull_and_inflate_object_from_tree, **QUICK_PULL)
+            flower_clientapp.pull_and_inflate_object_from_tree, **QUICK_PULL
+        )
         flower_clientapp.run_clientapp(
             runtime_api_address=spec.runtime_api_address,
             token=spec.token,
@@ -178,8 +184,9 @@ class ForkExecutor:
         self.audit_log = audit_log
         self.children: dict[int, int] = {}  # pid -> task id
 
-    def get_eligible_capacity(self, supported_task_types: set[TaskType], *, insecure: bool = False,
-                              root_certificates_path: str | None = None) -> tuple[set[TaskType], set[str]]:
+    def get_eligible_capacity(
+        self, supported_task_types: set[TaskType], *, insecure: bool = False, root_certificates_path: str | None = None
+    ) -> tuple[set[TaskType], set[str]]:
         return {t for t in supported_task_types if t == TaskType.CLIENT_APP}, set()
 
     def wait_for_capacity(self, task_type: TaskType | None = None, **_: object) -> None:
@@ -206,8 +213,15 @@ class ForkExecutor:
         """Children stop by themselves: each watches the launcher's PID (Flower's parent monitor)."""
 
 
-def serve(executor: ForkExecutor, runtime_api_address: str, *, insecure: bool,
-          root_certificates_path: str | None, superexec_auth_secret: bytes | None, parent_pid: int | None) -> None:
+def serve(
+    executor: ForkExecutor,
+    runtime_api_address: str,
+    *,
+    insecure: bool,
+    root_certificates_path: str | None,
+    superexec_auth_secret: bytes | None,
+    parent_pid: int | None,
+) -> None:
     """Flower's SuperExec loop with our executor; returns only through Flower's exit (a signal)."""
     flower_superexec.get_executor = lambda *args, **kwargs: executor
     flower_superexec.run_superexec(

@@ -59,8 +59,9 @@ def stream(command: list[str]) -> tuple[int, list[str]]:
 
 def run_status(flwr: str, connection: list[str], run_id: str) -> tuple[str, str]:
     """(status, details) of the run as the SuperLink reports it, e.g. ("finished:failed", "...")."""
-    proc = subprocess.run([flwr, "ls", *connection, "--run-id", run_id, "--format", "json"],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [flwr, "ls", *connection, "--run-id", run_id, "--format", "json"], capture_output=True, text=True, timeout=120
+    )
     try:
         run = json.loads(proc.stdout)["runs"][0]
     except (ValueError, KeyError, IndexError):
@@ -83,14 +84,16 @@ def outcome(status: str, details: str, run_id: str, lines: list[str], out_dir: P
     summary_path = out_dir / "summary.json" if out_dir is not None else None
     summary = json.loads(summary_path.read_text()) if summary_path is not None and summary_path.is_file() else None
     if status.endswith(":stopped"):
-        return Outcome(1, f"error: run {run_id} was stopped before it finished. Fix: run the same command with "
-                          "-c resume=true to continue it from its last completed round")
+        return Outcome(
+            1,
+            f"error: run {run_id} was stopped before it finished. Fix: run the same command with "
+            "-c resume=true to continue it from its last completed round",
+        )
     if not status.endswith(":completed"):
         reason = last_error(lines) or details or f"the SuperLink reports its status as {status!r}"
         return Outcome(1, f"error: run {run_id} failed: {reason} (full log: flwr log {run_id})")
     if summary is not None and summary["run"].get("stopped"):
-        return Outcome(1, f"error: run {run_id} stopped early: {summary['run']['stopped']}. "
-                          f"Outputs so far: {out_dir}")
+        return Outcome(1, f"error: run {run_id} stopped early: {summary['run']['stopped']}. Outputs so far: {out_dir}")
     if out_dir is None:
         return Outcome(0, f"Run {run_id} completed; its outputs are in the output-dir on the SuperLink's machine")
     if summary is None:
@@ -105,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     app = Path(args[0]).resolve()
     connection = args[1:2] if len(args) > 1 and not args[1].startswith("-") else []
-    flwr_args = args[1 + len(connection):]
+    flwr_args = args[1 + len(connection) :]
     try:
         config = load_config(run_config(app, flwr_args))
         if config.model.task == "classification":

@@ -55,15 +55,29 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     tls = parser.add_mutually_exclusive_group()
     tls.add_argument("--insecure", action="store_true", help="plain HTTP to the Runtime API (loopback)")
     tls.add_argument("--root-certificates", help="CA certificate of a TLS Runtime API")
-    parser.add_argument("--pin-app-hash", action="append", default=[], metavar="SHA256",
-                        help="also accept the app bundle with this SHA-256 (repeatable); its own code runs")
-    parser.add_argument("--audit-log", type=Path, default=None,
-                        help="append one JSON line per task: bundle hash, accepted or refused, differences")
-    parser.add_argument("--superexec-auth-secret-file", type=Path, default=None,
-                        help="the secret file given to flower-supernode (only this launcher may take tasks)")
+    parser.add_argument(
+        "--pin-app-hash",
+        action="append",
+        default=[],
+        metavar="SHA256",
+        help="also accept the app bundle with this SHA-256 (repeatable); its own code runs",
+    )
+    parser.add_argument(
+        "--audit-log",
+        type=Path,
+        default=None,
+        help="append one JSON line per task: bundle hash, accepted or refused, differences",
+    )
+    parser.add_argument(
+        "--superexec-auth-secret-file",
+        type=Path,
+        default=None,
+        help="the secret file given to flower-supernode (only this launcher may take tasks)",
+    )
     parser.add_argument("--parent-pid", type=int, default=None, help="exit when this process (the SuperNode) ends")
-    parser.add_argument("--check", action="store_true",
-                        help="check these settings, print the installed app's bundle sha256, and exit")
+    parser.add_argument(
+        "--check", action="store_true", help="check these settings, print the installed app's bundle sha256, and exit"
+    )
     args = parser.parse_args(argv)
     if not args.check and (args.runtime_api_address is None or not (args.insecure or args.root_certificates)):
         parser.error("give --runtime-api-address and one of --insecure / --root-certificates")
@@ -86,18 +100,28 @@ def main(argv: list[str] | None = None) -> int:
     seconds, failed = preload(root)
     for problem in failed:
         log(WARNING, "fed-dp-lora launcher: could not preload %s", problem)
-    log(INFO, "fed-dp-lora launcher: imports done in %.1f s; runs the app installed in %s "
-        "(bundle sha256 %s)%s", seconds, root, hashlib.sha256(reference).hexdigest(),
-        f" or pinned {sorted(policy.pinned)}" if policy.pinned else "")
+    log(
+        INFO,
+        "fed-dp-lora launcher: imports done in %.1f s; runs the app installed in %s (bundle sha256 %s)%s",
+        seconds,
+        root,
+        hashlib.sha256(reference).hexdigest(),
+        f" or pinned {sorted(policy.pinned)}" if policy.pinned else "",
+    )
     from fed_dp_lora.deploy.flower_runtime import ForkExecutor, serve
 
     # Flower's SuperExec asks for new tasks every 1 s; on loopback 0.2 s costs nothing and a
     # warm task starts that much sooner.
     os.environ.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.2")
 
-    serve(ForkExecutor(policy, args.audit_log), args.runtime_api_address, insecure=args.insecure,
-          root_certificates_path=args.root_certificates, superexec_auth_secret=secret,
-          parent_pid=args.parent_pid)
+    serve(
+        ForkExecutor(policy, args.audit_log),
+        args.runtime_api_address,
+        insecure=args.insecure,
+        root_certificates_path=args.root_certificates,
+        superexec_auth_secret=secret,
+        parent_pid=args.parent_pid,
+    )
     return 0
 
 

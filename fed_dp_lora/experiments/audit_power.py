@@ -24,9 +24,17 @@ from fed_dp_lora.client_round import RoundRequest, train_round
 
 # 222 training records (test_fraction 0.95) + ~100 included canaries, two rounds of four local
 # epochs: a non-private model memorizes canaries with random labels.
-POWER_SETTINGS = ("+preset=tiny", "data.test_fraction=0.95", "audit.enabled=true", "audit.canaries=200",
-                  "audit.guess_fraction=0.3", "train.batch_size=32", "train.lr=0.01", "train.epochs=4",
-                  "rounds=2")
+POWER_SETTINGS = (
+    "+preset=tiny",
+    "data.test_fraction=0.95",
+    "audit.enabled=true",
+    "audit.canaries=200",
+    "audit.guess_fraction=0.3",
+    "train.batch_size=32",
+    "train.lr=0.01",
+    "train.epochs=4",
+    "rounds=2",
+)
 
 
 def audited_run(cfg: DictConfig) -> dict[str, Any]:
@@ -47,9 +55,11 @@ def audited_run(cfg: DictConfig) -> dict[str, Any]:
 # records move an unused coordinate about as far as a canary moves its own (the release-audit
 # table in docs/results.md has the Adam row). delta 1e-5 keeps the theorem's 2 m delta term
 # small, so a leak can show above the claim; privacy-off runs ignore it.
-RELEASE_SETTINGS = ("+preset=tiny data.test_fraction=0.9 rounds=2 train.epochs=3 train.batch_size=32 "
-                    "train.optimizer=sgd train.lr=0.01 eval.interval=2 privacy.seeded_noise=true "
-                    "privacy.delta=1e-5 audit.release.enabled=true audit.release.client=0")
+RELEASE_SETTINGS = (
+    "+preset=tiny data.test_fraction=0.9 rounds=2 train.epochs=3 train.batch_size=32 "
+    "train.optimizer=sgd train.lr=0.01 eval.interval=2 privacy.seeded_noise=true "
+    "privacy.delta=1e-5 audit.release.enabled=true audit.release.client=0"
+)
 RELEASE_CLIENTS = 2
 
 

@@ -39,8 +39,7 @@ class InProcessGrid(Grid):
         return self._run
 
     def create_message(self, content, message_type, dst_node_id, group_id, ttl=None) -> Message:
-        return Message(content, dst_node_id=dst_node_id, message_type=message_type,
-                       group_id=group_id, ttl=ttl)
+        return Message(content, dst_node_id=dst_node_id, message_type=message_type, group_id=group_id, ttl=ttl)
 
     def get_node_ids(self) -> Iterable[int]:
         return list(self.handlers)
@@ -66,22 +65,35 @@ class InProcessGrid(Grid):
         return self.pull_messages(self.push_messages(messages))
 
 
-def client_grid(run_config: dict[str, Any], num_clients: int, first_node_id: int = 1000,
-                grid_class: Callable[[dict[int, Handler]], InProcessGrid] = InProcessGrid) -> InProcessGrid:
+def client_grid(
+    run_config: dict[str, Any],
+    num_clients: int,
+    first_node_id: int = 1000,
+    grid_class: Callable[[dict[int, Handler]], InProcessGrid] = InProcessGrid,
+) -> InProcessGrid:
     """Nodes running the real ClientApp on partitions 0..num_clients-1 of the configured data."""
     from fed_dp_lora.client_app import app as client_app
 
     def node(i: int) -> Handler:
-        context = Context(run_id=1, node_id=first_node_id + i,
-                          node_config={"partition-id": i, "num-partitions": num_clients},
-                          state=RecordDict(), run_config=dict(run_config))
+        context = Context(
+            run_id=1,
+            node_id=first_node_id + i,
+            node_config={"partition-id": i, "num-partitions": num_clients},
+            state=RecordDict(),
+            run_config=dict(run_config),
+        )
         return lambda msg: client_app(msg, context)
 
     return grid_class({first_node_id + i: node(i) for i in range(num_clients)})
 
 
-def run_federation(overrides: str, num_clients: int, output_dir: Path, resume: bool = False,
-                   grid_class: Callable[[dict[int, Handler]], InProcessGrid] = InProcessGrid) -> dict[str, Any]:
+def run_federation(
+    overrides: str,
+    num_clients: int,
+    output_dir: Path,
+    resume: bool = False,
+    grid_class: Callable[[dict[int, Handler]], InProcessGrid] = InProcessGrid,
+) -> dict[str, Any]:
     """Run the ServerApp against in-process clients; returns the run's summary.json.
 
     Each call is a new run (fresh client contexts), as a restarted `flwr run` is.
@@ -92,7 +104,10 @@ def run_federation(overrides: str, num_clients: int, output_dir: Path, resume: b
     # Messages built outside the runtime take their ids from TaskIdentity (internal API).
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
     run_config: dict[str, bool | float | int | str] = {
-        "overrides": overrides, "output-dir": str(Path(output_dir).resolve()), "resume": resume}
+        "overrides": overrides,
+        "output-dir": str(Path(output_dir).resolve()),
+        "resume": resume,
+    }
     grid = client_grid(run_config, num_clients, grid_class=grid_class)
     grid.set_run(Run.create_empty(run_id=1))  # the legacy (SecAgg+) workflow reads grid.run.run_id
     main(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config))

@@ -61,8 +61,10 @@ def calibrate_noise(
             )
         )
         if sigma > MAX_NOISE:
-            raise BudgetExceeded(f"privacy budget too small: epsilon {epsilon:g} would need a noise multiplier "
-                                 f"of {sigma:.3g} (> {MAX_NOISE:g}) for the planned steps")
+            raise BudgetExceeded(
+                f"privacy budget too small: epsilon {epsilon:g} would need a noise multiplier "
+                f"of {sigma:.3g} (> {MAX_NOISE:g}) for the planned steps"
+            )
         return sigma
     ledger = PrivacyLedger(accountant, delta, list(history))
 
@@ -70,8 +72,10 @@ def calibrate_noise(
         return ledger.epsilon((sigma, sample_rate, steps)) <= epsilon
 
     if not within(MAX_NOISE):
-        raise BudgetExceeded(f"privacy budget exhausted: {ledger.epsilon():.3f} of epsilon {epsilon:g} is "
-                             f"already spent; the planned steps would need a noise multiplier above {MAX_NOISE:g}")
+        raise BudgetExceeded(
+            f"privacy budget exhausted: {ledger.epsilon():.3f} of epsilon {epsilon:g} is "
+            f"already spent; the planned steps would need a noise multiplier above {MAX_NOISE:g}"
+        )
     low, high = 0.0, 1.0
     while not within(high):
         low, high = high, high * 2
@@ -126,8 +130,11 @@ class PrivacyLedger:
     def extends(self, other: PrivacyLedger) -> bool:
         """True when this ledger is `other` plus later entries (same settings)."""
         n = len(other.history)
-        return (self.accountant, self.delta) == (other.accountant, other.delta) and \
-            self.history[:n] == other.history and self.rounds[:n] == other.rounds
+        return (
+            (self.accountant, self.delta) == (other.accountant, other.delta)
+            and self.history[:n] == other.history
+            and self.rounds[:n] == other.rounds
+        )
 
     def to_dict(self) -> dict[str, str | float | list[float] | list[int]]:
         return {
@@ -145,5 +152,4 @@ class PrivacyLedger:
         rounds = [int(r) for r in data.get("rounds", [0] * len(history))]
         if len(rounds) != len(history):
             raise ValueError(f"ledger has {len(history)} entries but {len(rounds)} round numbers")
-        return cls(accountant=str(data["accountant"]), delta=float(data["delta"]), history=history,
-                   rounds=rounds)
+        return cls(accountant=str(data["accountant"]), delta=float(data["delta"]), history=history, rounds=rounds)

@@ -37,7 +37,7 @@ class StepExtra(Protocol):
 
 
 def per_sample_path(model: nn.Module, per_sample: str) -> str:
-    """"fused" or "opacus": the path that gives every trainable tensor of `model` per-sample
+    """ "fused" or "opacus": the path that gives every trainable tensor of `model` per-sample
     gradients, as `per_sample` asks; CoverageError when the asked path cannot."""
     if per_sample not in PER_SAMPLE_MODES:
         raise ValueError(f"per_sample must be one of {PER_SAMPLE_MODES}, not {per_sample!r}")
@@ -78,8 +78,11 @@ class GradientEngine:
 
         A weight of 0 marks a padding row (fixed-shape batches): it contributes nothing.
         """
-        losses = per_sample_losses if weights is None else \
-            torch.where(weights > 0, per_sample_losses * weights, torch.zeros_like(per_sample_losses))
+        losses = (
+            per_sample_losses
+            if weights is None
+            else torch.where(weights > 0, per_sample_losses * weights, torch.zeros_like(per_sample_losses))
+        )
         losses.sum().div(self.expected_batch_size).backward()
 
     def finalize(self, batch_size: int) -> bool:

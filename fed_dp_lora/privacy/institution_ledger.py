@@ -86,13 +86,15 @@ class InstitutionLedger:
         """The study's own composition, at the study's delta (what the server is told)."""
         terms = self.studies[study]
         mine = [r for r in self.releases if r.study == study]
-        return PrivacyLedger(terms.accountant, terms.delta, [(r.noise, r.rate, r.steps) for r in mine],
-                             [r.round for r in mine])
+        return PrivacyLedger(
+            terms.accountant, terms.delta, [(r.noise, r.rate, r.steps) for r in mine], [r.round for r in mine]
+        )
 
     def lifetime(self, delta: float) -> PrivacyLedger:
         """Everything this institution ever released (RDP), at its own delta."""
-        return PrivacyLedger("rdp", delta, [(r.noise, r.rate, r.steps) for r in self.releases],
-                             [r.round for r in self.releases])
+        return PrivacyLedger(
+            "rdp", delta, [(r.noise, r.rate, r.steps) for r in self.releases], [r.round for r in self.releases]
+        )
 
     def trained(self, study: str, server_round: int) -> bool:
         return any(r.study == study and r.round == server_round for r in self.releases)
@@ -101,19 +103,25 @@ class InstitutionLedger:
         """Fix the study's terms (at its first round) and check both budgets, before any training."""
         terms = self.studies.get(request.study) or self._new_terms(request)
         if (terms.delta, terms.accountant) != (request.delta, request.accountant):
-            raise BudgetExceeded(f"study {request.study} was accounted with delta {terms.delta:g} / "
-                                 f"{terms.accountant}; the run now asks for {request.delta:g} / "
-                                 f"{request.accountant}. Refusing: keep privacy settings fixed within a study")
+            raise BudgetExceeded(
+                f"study {request.study} was accounted with delta {terms.delta:g} / "
+                f"{terms.accountant}; the run now asks for {request.delta:g} / "
+                f"{request.accountant}. Refusing: keep privacy settings fixed within a study"
+            )
         planned = [*request.extra_mechanisms, (terms.noise, request.rate, request.steps)]
-        known = self.study(request.study) if request.study in self.studies else \
-            PrivacyLedger(terms.accountant, terms.delta)
+        known = (
+            self.study(request.study) if request.study in self.studies else PrivacyLedger(terms.accountant, terms.delta)
+        )
         study_eps = _after(known, planned)
         lifetime_eps = _after(self.lifetime(request.lifetime_delta), planned)
-        for spent, budget, what in ((study_eps, request.study_budget, "this study's budget"),
-                                    (lifetime_eps, request.lifetime_budget, "the institution's lifetime budget")):
+        for spent, budget, what in (
+            (study_eps, request.study_budget, "this study's budget"),
+            (lifetime_eps, request.lifetime_budget, "the institution's lifetime budget"),
+        ):
             if budget is not None and spent > budget * (1 + 1e-9):
-                raise BudgetExceeded(f"privacy budget exhausted: epsilon would reach {spent:.3f} > {what} "
-                                     f"{budget:g}. Refusing to train")
+                raise BudgetExceeded(
+                    f"privacy budget exhausted: epsilon would reach {spent:.3f} > {what} {budget:g}. Refusing to train"
+                )
         return Plan(request, terms, study_eps, lifetime_eps)
 
     def _new_terms(self, r: Request) -> StudyTerms:
@@ -122,8 +130,9 @@ class InstitutionLedger:
         planned = r.steps * r.rounds
         candidates = [r.noise] if r.noise is not None else []
         if r.noise is None and r.study_budget is not None:
-            candidates.append(calibrate_noise(r.study_budget, r.delta, r.rate, planned, r.accountant,
-                                              r.extra_mechanisms))
+            candidates.append(
+                calibrate_noise(r.study_budget, r.delta, r.rate, planned, r.accountant, r.extra_mechanisms)
+            )
         if r.lifetime_budget is not None:
             spent = tuple((x.noise, x.rate, x.steps) for x in self.releases) + r.extra_mechanisms
             candidates.append(calibrate_noise(r.lifetime_budget, r.lifetime_delta, r.rate, planned, "rdp", spent))
@@ -177,11 +186,17 @@ class InstitutionLedger:
         kinds = list(data.get("kind") or [DP_SGD] * len(columns[0]))  # ledgers before kinds: all DP-SGD
         if len(kinds) != len(columns[0]):
             raise ValueError("ledger columns have different lengths")
-        releases = [Release(str(s), int(r), float(n), float(q), int(k), str(kind))
-                    for s, r, n, q, k, kind in zip(*columns, kinds, strict=True)]
+        releases = [
+            Release(str(s), int(r), float(n), float(q), int(k), str(kind))
+            for s, r, n, q, k, kind in zip(*columns, kinds, strict=True)
+        ]
         ids = [str(s) for s in data.get("study-ids") or []]
-        terms = zip(data.get("study-delta") or [], data.get("study-accountant") or [], data.get("study-noise") or [],
-                    strict=True)
+        terms = zip(
+            data.get("study-delta") or [],
+            data.get("study-accountant") or [],
+            data.get("study-noise") or [],
+            strict=True,
+        )
         studies = {s: StudyTerms(float(d), str(a), float(n)) for s, (d, a, n) in zip(ids, terms, strict=True)}
         if len(studies) != len(ids) or {r.study for r in releases} - set(studies):
             raise ValueError("ledger releases name studies without terms")

@@ -53,8 +53,9 @@ def _read_json(path: Path, what: str) -> Any:
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError) as err:
-        raise LedgerError(f"{what} {path} exists but cannot be read ({err}). Refusing to train. Fix: "
-                          "restore it from a backup") from err
+        raise LedgerError(
+            f"{what} {path} exists but cannot be read ({err}). Refusing to train. Fix: restore it from a backup"
+        ) from err
 
 
 class InstitutionState:
@@ -65,8 +66,10 @@ class InstitutionState:
         try:
             self.path.mkdir(parents=True, exist_ok=True)
         except OSError as err:
-            raise LedgerError(f"state-dir {self.path} cannot be created: {err}. Fix: point the node's "
-                              "state-dir at a writable directory") from err
+            raise LedgerError(
+                f"state-dir {self.path} cannot be created: {err}. Fix: point the node's "
+                "state-dir at a writable directory"
+            ) from err
 
     @contextlib.contextmanager
     def locked(self) -> Iterator[None]:
@@ -86,10 +89,12 @@ class InstitutionState:
             return
         owner = _read_json(path, "state-dir owner file").get("node-id")
         if owner != int(node_id):
-            raise LedgerError(f"state-dir {self.path} belongs to node {owner}, and node {node_id} was "
-                              "started with it. Refusing: two SuperNodes must never share a state dir (they "
-                              "would share a noise key and a kept update). Fix: give this SuperNode its own "
-                              "--state-dir")
+            raise LedgerError(
+                f"state-dir {self.path} belongs to node {owner}, and node {node_id} was "
+                "started with it. Refusing: two SuperNodes must never share a state dir (they "
+                "would share a noise key and a kept update). Fix: give this SuperNode its own "
+                "--state-dir"
+            )
 
     @property
     def ledger_path(self) -> Path:
@@ -115,8 +120,10 @@ class InstitutionState:
         try:
             write_atomic(self.ledger_path, payload)
         except OSError as err:
-            raise LedgerError(f"privacy ledger {self.ledger_path} cannot be written: {err}. Refusing to "
-                              "release an update whose cost is not on record") from err
+            raise LedgerError(
+                f"privacy ledger {self.ledger_path} cannot be written: {err}. Refusing to "
+                "release an update whose cost is not on record"
+            ) from err
 
     def _migrate_study_ledgers(self) -> InstitutionLedger | None:
         """Fold the per-study ledgers of earlier versions (ledger-<study>.json) into one."""
@@ -129,12 +136,14 @@ class InstitutionState:
             try:
                 study, entry = str(data["study"]), data["ledger"]
                 rows = list(zip(entry["noise"], entry["rate"], entry["steps"], entry["rounds"], strict=True))
-                ledger.studies[study] = StudyTerms(float(entry["delta"]), str(entry["accountant"]),
-                                                   float(rows[-1][0]) if rows else 0.0)
+                ledger.studies[study] = StudyTerms(
+                    float(entry["delta"]), str(entry["accountant"]), float(rows[-1][0]) if rows else 0.0
+                )
                 ledger.releases += [Release(study, int(r), float(n), float(q), int(k)) for n, q, k, r in rows]
             except (KeyError, TypeError, ValueError, IndexError) as err:
-                raise LedgerError(f"privacy ledger {path} cannot be read ({err}). Refusing to train. Fix: "
-                                  "restore it from a backup") from err
+                raise LedgerError(
+                    f"privacy ledger {path} cannot be read ({err}). Refusing to train. Fix: restore it from a backup"
+                ) from err
         self.save_ledger(ledger)
         for path in old:
             path.rename(path.with_name(path.name + ".migrated"))
@@ -148,8 +157,9 @@ class InstitutionState:
         except FileExistsError:
             key = path.read_bytes()
             if len(key) != 32:
-                raise LedgerError(f"noise key {path} is damaged ({len(key)} bytes, expected 32). "
-                                  "Fix: restore it from a backup") from None
+                raise LedgerError(
+                    f"noise key {path} is damaged ({len(key)} bytes, expected 32). Fix: restore it from a backup"
+                ) from None
             return key
         key = secrets.token_bytes(32)
         with os.fdopen(fd, "wb") as f:
@@ -174,14 +184,21 @@ class InstitutionState:
     def _release_path(self, study: str) -> Path:
         return self.path / f"release-{study}.safetensors"
 
-    def save_release(self, study: str, server_round: int, global_digest: str,
-                     state: dict[str, torch.Tensor], metrics: dict[str, float]) -> None:
+    def save_release(
+        self,
+        study: str,
+        server_round: int,
+        global_digest: str,
+        state: dict[str, torch.Tensor],
+        metrics: dict[str, float],
+    ) -> None:
         meta = {"round": str(server_round), "global": global_digest, "metrics": json.dumps(metrics)}
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
         write_atomic(self._release_path(study), save(tensors, metadata=meta))
 
-    def release(self, study: str, server_round: int,
-                global_digest: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
+    def release(
+        self, study: str, server_round: int, global_digest: str
+    ) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
         """The update released for `server_round` from this global adapter, if it was kept."""
         path = self._release_path(study)
         if not path.exists():
@@ -193,8 +210,9 @@ class InstitutionState:
         return load_file(str(path)), json.loads(meta["metrics"])
 
 
-def reconcile(memory: InstitutionLedger | None, disk: InstitutionLedger | None,
-              where: Path | None) -> InstitutionLedger | None:
+def reconcile(
+    memory: InstitutionLedger | None, disk: InstitutionLedger | None, where: Path | None
+) -> InstitutionLedger | None:
     """The longer of the in-memory and on-disk ledgers, which must agree on their common part."""
     if memory is None or disk is None:
         return disk if memory is None else memory
@@ -202,5 +220,7 @@ def reconcile(memory: InstitutionLedger | None, disk: InstitutionLedger | None,
         return memory
     if disk.extends(memory):
         return disk
-    raise LedgerError(f"privacy ledger {where} disagrees with the one this SuperNode holds in memory. "
-                      "Refusing to train. Fix: find out which copy is right and restore it")
+    raise LedgerError(
+        f"privacy ledger {where} disagrees with the one this SuperNode holds in memory. "
+        "Refusing to train. Fix: find out which copy is right and restore it"
+    )

@@ -38,8 +38,7 @@ class StreamKey:
     attempt: int
 
     def seed(self, purpose: str) -> int:
-        material = (f"|round={self.server_round}|global={self.global_digest}|attempt={self.attempt}"
-                    f"|{purpose}").encode()
+        material = (f"|round={self.server_round}|global={self.global_digest}|attempt={self.attempt}|{purpose}").encode()
         digest = hashlib.sha256(self.secret + material).digest()
         return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 

@@ -44,4 +44,4 @@ def adaptive_noise_multiplier(noise_multiplier: float, clipped_count_stddev: flo
             f"update at noise_multiplier={noise_multiplier:g} (needs clipped_count_stddev > "
             f"{noise_multiplier / 2:g})"
         )
-    return (noise_multiplier ** -2 - (2 * clipped_count_stddev) ** -2) ** -0.5
+    return (noise_multiplier**-2 - (2 * clipped_count_stddev) ** -2) ** -0.5

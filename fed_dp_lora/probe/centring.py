@@ -57,8 +57,9 @@ def charge(cfg: DictConfig) -> tuple[tuple[str, Mechanism], ...]:
     return ((FEATURE_MEAN, (float(cfg.probe.center_noise_multiplier), 1.0, 1)),)
 
 
-def kept(cfg: DictConfig, store: InstitutionState | None, ledger: InstitutionLedger, study: str,
-         features: torch.Tensor) -> Centre | None:
+def kept(
+    cfg: DictConfig, store: InstitutionState | None, ledger: InstitutionLedger, study: str, features: torch.Tensor
+) -> Centre | None:
     """The mean to reuse without a new charge, or None when a new one must be computed.
 
     Reused only under DP, from a file of this study written after its charge was on the ledger,
@@ -83,19 +84,22 @@ def compute(cfg: DictConfig, features: torch.Tensor, records: int, generator: to
     """The DP mean under DP (noise from this attempt's stream); the exact mean without DP."""
     if not cfg.privacy.enabled:
         return Centre(features.mean(dim=0), "exact")
-    mean = private_mean(features, float(cfg.probe.center_clip), float(cfg.probe.center_noise_multiplier),
-                        records, generator)
+    mean = private_mean(
+        features, float(cfg.probe.center_clip), float(cfg.probe.center_noise_multiplier), records, generator
+    )
     return Centre(mean, _source(cfg, features))
 
 
 def keep(store: InstitutionState, study: str, centre: Centre) -> None:
     """Keep the released mean for the study's later rounds (call after the ledger is saved)."""
-    write_atomic(_path(store, study), lambda handle: torch.save({"mean": centre.mean.cpu(), "source": centre.source},
-                                                              handle))
+    write_atomic(
+        _path(store, study), lambda handle: torch.save({"mean": centre.mean.cpu(), "source": centre.source}, handle)
+    )
 
 
-def private_mean(features: torch.Tensor, clip: float, noise_multiplier: float, records: int,
-                 generator: torch.Generator | None) -> torch.Tensor:
+def private_mean(
+    features: torch.Tensor, clip: float, noise_multiplier: float, records: int, generator: torch.Generator | None
+) -> torch.Tensor:
     """(sum_i clip(x_i, C) + N(0, (sigma C)^2 I)) / records.
 
     Without a generator the noise comes from OS entropy, never from torch's global generator
@@ -106,8 +110,9 @@ def private_mean(features: torch.Tensor, clip: float, noise_multiplier: float, r
     norms = features.norm(dim=1, keepdim=True)
     clipped = features * (clip / (norms + 1e-12)).clamp(max=1.0)
     device = generator.device if generator is not None else features.device
-    noise = torch.normal(0.0, noise_multiplier * clip, size=(features.shape[1],), generator=generator,
-                         device=device).to(features.device)
+    noise = torch.normal(
+        0.0, noise_multiplier * clip, size=(features.shape[1],), generator=generator, device=device
+    ).to(features.device)
     return (clipped.sum(dim=0) + noise) / records
 
 

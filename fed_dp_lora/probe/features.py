@@ -24,8 +24,10 @@ BATCH = 32  # records per encoder forward
 
 def record_keys(data: Encoded) -> list[str]:
     lengths = data.attention_mask.sum(dim=1).tolist()
-    return [hashlib.sha256(row[:n].numpy().tobytes()).hexdigest()[:32]
-            for row, n in zip(data.input_ids, lengths, strict=True)]
+    return [
+        hashlib.sha256(row[:n].numpy().tobytes()).hexdigest()[:32]
+        for row, n in zip(data.input_ids, lengths, strict=True)
+    ]
 
 
 def cache_file(directory: Path, model: LinearProbe) -> Path:
@@ -57,14 +59,15 @@ def cached_features(model: LinearProbe, data: Encoded, directory: Path, slots: i
         index = torch.arange(slots)
         computed = []
         for start in range(0, slots, BATCH):
-            rows, _ = data.slots(index[start:start + BATCH], torch.device("cpu"))
+            rows, _ = data.slots(index[start : start + BATCH], torch.device("cpu"))
             computed.append(model.features(rows["input_ids"], rows["attention_mask"]).cpu())
         values = torch.cat(computed)[: len(data)]
         known = {**_load(path), **dict(zip(keys, values, strict=True))}  # others may have added records meanwhile
         path.parent.mkdir(parents=True, exist_ok=True)
         names = list(known)
-        write_atomic(path, lambda handle: torch.save({"keys": names, "values": torch.stack([known[k] for k in names])},
-                                                     handle))
+        write_atomic(
+            path, lambda handle: torch.save({"keys": names, "values": torch.stack([known[k] for k in names])}, handle)
+        )
     if not keys:
         return torch.zeros(0, model.classifier.in_features)
     return torch.stack([known[k] for k in keys])

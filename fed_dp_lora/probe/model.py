@@ -45,8 +45,9 @@ class LinearProbe(nn.Module):
     @torch.no_grad()
     def features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         device = self.classifier.weight.device
-        out = self.encoder(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                           output_hidden_states=True)
+        out = self.encoder(
+            input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), output_hidden_states=True
+        )
         mask = attention_mask.to(device).unsqueeze(-1).float()
         pooled = [(h.float() * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0) for h in out.hidden_states[1:]]
         return torch.stack(pooled).mean(dim=0)
@@ -58,16 +59,23 @@ class LinearProbe(nn.Module):
         """The head (safetensors) and how to rebuild the features (JSON) beside it."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.detach().cpu().contiguous() for k, v in self.classifier.state_dict().items()},
-                  folder / HEAD_FILE)
-        (folder / CONFIG_FILE).write_text(json.dumps({"method": "linear-probe", "pooling": POOLING,
-                                                      "base": self.identity}, indent=1))
+        save_file(
+            {k: v.detach().cpu().contiguous() for k, v in self.classifier.state_dict().items()}, folder / HEAD_FILE
+        )
+        (folder / CONFIG_FILE).write_text(
+            json.dumps({"method": "linear-probe", "pooling": POOLING, "base": self.identity}, indent=1)
+        )
 
 
 def probe_identity(spec: ModelSpec) -> str:
     """The base model settings the features depend on (tokens are hashed per record)."""
-    model = {"name": spec.name, "task": spec.task, "quantization": spec.quantization, "pooling": spec.pooling,
-             "keep_layers": spec.keep_layers}
+    model = {
+        "name": spec.name,
+        "task": spec.task,
+        "quantization": spec.quantization,
+        "pooling": spec.pooling,
+        "keep_layers": spec.keep_layers,
+    }
     return json.dumps({"model": model, "pooling": POOLING}, sort_keys=True)
 
 
@@ -79,7 +87,8 @@ def build_probe(spec: ModelSpec) -> LinearProbe:
     base = load_base(spec)
     encoder = getattr(base, base.base_model_prefix)
     return LinearProbe(encoder, int(base.config.hidden_size), num_labels, probe_identity(spec)).to(
-        next(encoder.parameters()).device)
+        next(encoder.parameters()).device
+    )
 
 
 def identity_digest(identity: str) -> str:

@@ -23,9 +23,17 @@ def padded(features: torch.Tensor, labels: torch.Tensor, slots: int) -> tuple[to
     return x, y, torch.arange(slots) < len(features)
 
 
-def train_head(engine: GradientEngine, features: torch.Tensor, labels: torch.Tensor, cfg: DictConfig,
-               sample_rate: float, steps: int, class_weights: torch.Tensor | None,
-               generator: torch.Generator | None = None, slots: int | None = None) -> TrainStats:
+def train_head(
+    engine: GradientEngine,
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    cfg: DictConfig,
+    sample_rate: float,
+    steps: int,
+    class_weights: torch.Tensor | None,
+    generator: torch.Generator | None = None,
+    slots: int | None = None,
+) -> TrainStats:
     """`steps` Poisson steps over `slots` slots; engine.module is the (centred) head."""
     head = engine.module
     device = engine.params[0].device

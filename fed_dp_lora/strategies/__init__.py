@@ -5,5 +5,13 @@ from fed_dp_lora.strategies.dp_fedavg import AdapterDPFedAvg, UserLevelDP
 from fed_dp_lora.strategies.factory import build_strategy
 from fed_dp_lora.strategies.robust import AdapterMedian, AdapterMultiKrum, AdapterTrimmedMean
 
-__all__ = ["AdapterDPFedAvg", "AdapterFedAvg", "AdapterMedian", "AdapterMultiKrum", "AdapterTrimmedMean",
-           "CheckedAggregation", "UserLevelDP", "build_strategy"]
+__all__ = [
+    "AdapterDPFedAvg",
+    "AdapterFedAvg",
+    "AdapterMedian",
+    "AdapterMultiKrum",
+    "AdapterTrimmedMean",
+    "CheckedAggregation",
+    "UserLevelDP",
+    "build_strategy",
+]

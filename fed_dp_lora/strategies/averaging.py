@@ -132,8 +132,14 @@ class CheckedAggregation(FedAvg):
             problem, sent_bytes = _read_update(reply, reference)
             if problem is not None:
                 outcome.failures[name] = f"rejected: {problem}"
-                log(WARNING, "Round %d: rejected update from %s (node %d): %s",
-                    server_round, name, reply.metadata.src_node_id, problem)
+                log(
+                    WARNING,
+                    "Round %d: rejected update from %s (node %d): %s",
+                    server_round,
+                    name,
+                    reply.metadata.src_node_id,
+                    problem,
+                )
                 continue
             metrics = reply.content.metric_records["metrics"]
             outcome.bytes_up += sent_bytes
@@ -157,12 +163,16 @@ class CheckedAggregation(FedAvg):
         minimum = int(self.min_train_nodes)
         if len(accepted) >= minimum:
             return accepted
-        outcome.failures["server"] = (f"only {len(accepted)} accepted update(s), fewer than "
-                                      f"strategy.min_train_clients={minimum}: the adapter is kept")
+        outcome.failures["server"] = (
+            f"only {len(accepted)} accepted update(s), fewer than "
+            f"strategy.min_train_clients={minimum}: the adapter is kept"
+        )
         log(WARNING, "Round %d: %s", outcome.server_round, outcome.failures["server"])
         if sent_to - out_of_budget < minimum:
-            self.stop_reason = (f"{out_of_budget} of {sent_to} clients are out of privacy budget, so "
-                                f"fewer than strategy.min_train_clients={minimum} can still train")
+            self.stop_reason = (
+                f"{out_of_budget} of {sent_to} clients are out of privacy budget, so "
+                f"fewer than strategy.min_train_clients={minimum} can still train"
+            )
         return []
 
 
@@ -206,8 +216,12 @@ def _keep_common_metrics(accepted: list[Message]) -> None:
     common = set.intersection(*(set(m.keys()) for m in kept)) if kept else set()
     for reply, all_metrics in zip(accepted, kept, strict=True):
         if set(all_metrics.keys()) != common:
-            reply.content = RecordDict({"arrays": reply.content.array_records["arrays"],
-                                        "metrics": MetricRecord({k: all_metrics[k] for k in common})})
+            reply.content = RecordDict(
+                {
+                    "arrays": reply.content.array_records["arrays"],
+                    "metrics": MetricRecord({k: all_metrics[k] for k in common}),
+                }
+            )
 
 
 class AdapterFedAvg(CheckedAggregation, FedAvg):

@@ -123,8 +123,10 @@ class UserLevelDP:
     @property
     def _budget(self) -> float:
         if self.budget is None:
-            raise ConfigError("strategy.epsilon: calibrating the noise needs a budget. Fix: set strategy.epsilon "
-                              "or strategy.noise_multiplier")
+            raise ConfigError(
+                "strategy.epsilon: calibrating the noise needs a budget. Fix: set strategy.epsilon "
+                "or strategy.noise_multiplier"
+            )
         return float(self.budget)
 
     @property
@@ -158,19 +160,24 @@ class UserLevelDP:
             )
         self.ledger = PrivacyLedger("rdp", delta)
         if self.noise_multiplier is None:
-            self.noise_multiplier = calibrate_noise(
-                self._budget, delta, self.accounted_rate, self.rounds, "rdp"
+            self.noise_multiplier = calibrate_noise(self._budget, delta, self.accounted_rate, self.rounds, "rdp")
+            log(
+                INFO,
+                "DP-FedAvg: noise multiplier %.4f calibrated for user-level epsilon %g over %d rounds",
+                self.noise_multiplier,
+                self.budget,
+                self.rounds,
             )
-            log(INFO, "DP-FedAvg: noise multiplier %.4f calibrated for user-level epsilon %g over %d rounds",
-                self.noise_multiplier, self.budget, self.rounds)
         if self.adaptive:
             if self.clipped_count_stddev is None:
                 self.clipped_count_stddev = self.denominator() / 20.0
             try:
                 self.update_noise_multiplier()
             except ValueError as err:
-                raise ConfigError(f"strategy.clipped_count_stddev: {err}. Fix: raise "
-                                  "strategy.clipped_count_stddev or lower strategy.noise_multiplier") from err
+                raise ConfigError(
+                    f"strategy.clipped_count_stddev: {err}. Fix: raise "
+                    "strategy.clipped_count_stddev or lower strategy.noise_multiplier"
+                ) from err
 
     def update_noise_multiplier(self) -> float:
         """Multiplier on the update sum (smaller than z when adaptive clipping spends some)."""
@@ -186,8 +193,10 @@ class UserLevelDP:
             return None
         after = self.ledger.epsilon((self.noise_multiplier, self.accounted_rate, 1))
         if after > self._budget * (1 + 1e-9):
-            return (f"user-level budget: epsilon would reach {after:.3f} > strategy.epsilon={self.budget:g}; "
-                    "no further round is run")
+            return (
+                f"user-level budget: epsilon would reach {after:.3f} > strategy.epsilon={self.budget:g}; "
+                "no further round is run"
+            )
         return None
 
     def sample(self, nodes: list[int]) -> list[int]:
@@ -213,9 +222,10 @@ class UserLevelDP:
         denominator = self.denominator()
         std_sum = self.update_noise_multiplier() * self.clip_norm
         new = {
-            k: (global_arrays[k].astype(np.float64)
+            k: (
+                global_arrays[k].astype(np.float64)
                 + (clipped_sum[k] + self._np_rng.normal(0.0, std_sum, size=clipped_sum[k].shape)) / denominator
-                ).astype(global_arrays[k].dtype)
+            ).astype(global_arrays[k].dtype)
             for k in global_arrays
         }
         used_clip = self.clip_norm
@@ -229,16 +239,21 @@ class UserLevelDP:
         }
         if self.adaptive and unclipped_count is not None:
             # Centred bits (b - 1/2): one client moves the sum by at most 1/2.
-            noisy = (unclipped_count - num_contributions / 2.0
-                     + self._np_rng.normal(0.0, self._count_stddev))
+            noisy = unclipped_count - num_contributions / 2.0 + self._np_rng.normal(0.0, self._count_stddev)
             unclipped_fraction = noisy / denominator + 0.5
             self.clip_norm *= math.exp(-self.clip_lr * (unclipped_fraction - self.target_quantile))
             info.update({"noisy_unclipped_fraction": unclipped_fraction, "next_clip_norm": self.clip_norm})
         self.clip_history.append(used_clip)
         self.ledger.record(self.noise_multiplier, self.accounted_rate, 1)
         info["user_epsilon"] = self.ledger.epsilon()
-        log(INFO, "Round %d: DP-FedAvg clip=%.4g noise std (mean)=%.4g user epsilon=%.4f",
-            server_round, used_clip, std_sum / denominator, info["user_epsilon"])
+        log(
+            INFO,
+            "Round %d: DP-FedAvg clip=%.4g noise std (mean)=%.4g user epsilon=%.4f",
+            server_round,
+            used_clip,
+            std_sum / denominator,
+            info["user_epsilon"],
+        )
         return new, info
 
     def summary(self) -> dict[str, Any]:
@@ -248,7 +263,7 @@ class UserLevelDP:
             "enabled": True,
             "unit": USER_PRIVACY_UNIT,
             "covers": "the global adapters of every round (and anything computed from them); the "
-                      "per-client metrics, failures and byte counts the server logs are not covered",
+            "per-client metrics, failures and byte counts the server logs are not covered",
             "accountant": ACCOUNTANT_NAMES["rdp"],
             "epsilon": eps if math.isfinite(eps) else "inf",
             "delta": self.ledger.delta,
@@ -257,8 +272,9 @@ class UserLevelDP:
             "update_noise_multiplier": self.update_noise_multiplier(),
             "sampling": self.sampling,
             "sample_rate": self.accounted_rate,
-            "amplification": "Poisson subsampling" if self.sampling == "poisson"
-                             else "none claimed (fixed-size sample)",
+            "amplification": "Poisson subsampling"
+            if self.sampling == "poisson"
+            else "none claimed (fixed-size sample)",
             "population": self.population,
             "rounds": self.ledger.steps,
             "clip_norm": self.clip_history if self.adaptive else (self.clip_history or [self.clip_norm])[0],
@@ -295,8 +311,7 @@ class AdapterDPFedAvg(CheckedAggregation, FedAvg):
             return []
         node_ids = self.dp.sample(list(nodes))
         self._sampled = len(node_ids)
-        log(INFO, "configure_train: DP-FedAvg sampled %d of %d nodes (%s)", len(node_ids), len(nodes),
-            self.dp.sampling)
+        log(INFO, "configure_train: DP-FedAvg sampled %d of %d nodes (%s)", len(node_ids), len(nodes), self.dp.sampling)
         config["server-round"] = server_round
         record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
         messages = list(self._construct_messages(record, node_ids, MessageType.TRAIN))
@@ -312,12 +327,14 @@ class AdapterDPFedAvg(CheckedAggregation, FedAvg):
         assert self._sent is not None, "configure_train ran first"
         global_arrays = {k: v.numpy() for k, v in self._sent[0].items()}
         clipped_sum, unclipped = self._clipped_sum(accepted, global_arrays)
-        new, outcome.strategy = self.dp.release(server_round, global_arrays, clipped_sum, len(accepted),
-                                                unclipped, self._sampled)
+        new, outcome.strategy = self.dp.release(
+            server_round, global_arrays, clipped_sum, len(accepted), unclipped, self._sampled
+        )
         outcome.user_level = self.dp.summary()
         outcome.arrays = ArrayRecord({k: Array(v) for k, v in new.items()})
-        outcome.metrics = (self.train_metrics_aggr_fn([r.content for r in accepted], self.weighted_by_key)
-                           if accepted else None)
+        outcome.metrics = (
+            self.train_metrics_aggr_fn([r.content for r in accepted], self.weighted_by_key) if accepted else None
+        )
         outcome.stop_reason = self.stop_reason
         return outcome
 

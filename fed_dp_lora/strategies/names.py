@@ -36,8 +36,10 @@ class NodeNames:
     def refresh(self, grid: Grid) -> None:
         self.registered.update({int(n.node_id): n.name.strip() for n in grid.get_nodes() if n.name.strip()})
         counts = Counter(self.registered.values())
-        self.names = {nid: name if counts[name] == 1 and name not in RESERVED else f"{name} ({fallback_name(nid)})"
-                      for nid, name in self.registered.items()}
+        self.names = {
+            nid: name if counts[name] == 1 and name not in RESERVED else f"{name} ({fallback_name(nid)})"
+            for nid, name in self.registered.items()
+        }
 
     def of(self, node_id: int) -> str:
         return self.names.get(int(node_id), fallback_name(node_id))

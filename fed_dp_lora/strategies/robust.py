@@ -50,16 +50,24 @@ class AdapterMultiKrum(CheckedAggregation, MultiKrum):
             return None, None
         n, f = len(accepted), self.num_malicious_nodes
         if n < 2 * f + 3:
-            log(WARNING, "Round %d: Krum tolerates f=%d malicious clients only with n >= 2f + 3 = %d "
-                "updates; %d were accepted", server_round, f, 2 * f + 3, n)
+            log(
+                WARNING,
+                "Round %d: Krum tolerates f=%d malicious clients only with n >= 2f + 3 = %d updates; %d were accepted",
+                server_round,
+                f,
+                2 * f + 3,
+                n,
+            )
         m = self.num_selected if self.num_selected is not None else max(1, n - f)
         contents = [r.content for r in accepted]
         chosen = select_multikrum(contents, num_malicious_nodes=f, num_nodes_to_select=min(m, n))
         chosen_ids = {id(c) for c in chosen}
-        outcome.strategy.update({
-            "selected": sorted(self.names.of_reply(r) for r in accepted if id(r.content) in chosen_ids),
-            "num_malicious_assumed": f,
-        })
+        outcome.strategy.update(
+            {
+                "selected": sorted(self.names.of_reply(r) for r in accepted if id(r.content) in chosen_ids),
+                "num_malicious_assumed": f,
+            }
+        )
         arrays = aggregate_arrayrecords(chosen, self.weighted_by_key)
         return arrays, self.train_metrics_aggr_fn(chosen, self.weighted_by_key)
 
@@ -72,8 +80,13 @@ class AdapterTrimmedMean(CheckedAggregation, FedTrimmedAvg):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         cut = int(self.beta * len(accepted))
         if accepted and cut == 0:
-            log(WARNING, "Round %d: trimmed mean with beta=%g trims nothing from %d updates",
-                server_round, self.beta, len(accepted))
+            log(
+                WARNING,
+                "Round %d: trimmed mean with beta=%g trims nothing from %d updates",
+                server_round,
+                self.beta,
+                len(accepted),
+            )
         outcome.strategy["trimmed_per_tail"] = cut
         return FedTrimmedAvg.aggregate_train(self, server_round, accepted)
 

@@ -89,8 +89,13 @@ class SecAggAdapterStrategy(LegacyFedAvg):
         study: str = "",
         grid: Grid | None = None,
     ) -> None:
-        super().__init__(fraction_fit=fraction, fraction_evaluate=0.0, min_fit_clients=min_clients,
-                         min_evaluate_clients=0, min_available_clients=min_available)
+        super().__init__(
+            fraction_fit=fraction,
+            fraction_evaluate=0.0,
+            min_fit_clients=min_clients,
+            min_evaluate_clients=0,
+            min_available_clients=min_available,
+        )
         self.record = record
         self._recorded_round = 0  # the last round whose outcome went to `record`
         self.keys = list(initial)
@@ -119,8 +124,11 @@ class SecAggAdapterStrategy(LegacyFedAvg):
         if self.grid is not None:
             self.names.refresh(self.grid)
         self._global = dict(zip(self.keys, parameters_to_ndarrays(parameters), strict=True))
-        config: dict[str, Scalar] = {SECAGG_KEYS: "\n".join(self.keys), "server-round": server_round,
-                                      "study-id": self.study}
+        config: dict[str, Scalar] = {
+            SECAGG_KEYS: "\n".join(self.keys),
+            "server-round": server_round,
+            "study-id": self.study,
+        }
         if self.dp is not None:
             self.dp.plan(len(proxies))
             self._skip_reason = self.dp.budget_problem()
@@ -156,8 +164,10 @@ class SecAggAdapterStrategy(LegacyFedAvg):
             return None, {}
         log(INFO, "Round %d: SecAgg+ aggregate of %d masked updates", server_round, len(results))
         eps = [m[EPSILON] for m in outcome.clients.values() if EPSILON in m]
-        aggregated: dict[str, Scalar] = {"clients": float(len(outcome.clients)),
-                                         **({"epsilon-max": max(eps)} if eps else {})}
+        aggregated: dict[str, Scalar] = {
+            "clients": float(len(outcome.clients)),
+            **({"epsilon-max": max(eps)} if eps else {}),
+        }
         return ndarrays_to_parameters([new[k] for k in self.keys]), aggregated
 
     def _round_outcome(self, server_round: int, results: list[tuple[ClientProxy, FitRes]]) -> RoundOutcome:
@@ -185,11 +195,11 @@ class SecAggAdapterStrategy(LegacyFedAvg):
         facts and user-level guarantee go into `outcome`)."""
         mean = dict(zip(self.keys, parameters_to_ndarrays(results[0][1].parameters), strict=True))
         if self.dp is None:
-            return {k: (self._global[k].astype(np.float64) + mean[k]).astype(self._global[k].dtype)
-                    for k in self.keys}
+            return {k: (self._global[k].astype(np.float64) + mean[k]).astype(self._global[k].dtype) for k in self.keys}
         clipped_sum = {k: v.astype(np.float64) * len(results) for k, v in mean.items()}
-        new, outcome.strategy = self.dp.release(server_round, self._global, clipped_sum, len(results), None,
-                                                len(self._sampled))
+        new, outcome.strategy = self.dp.release(
+            server_round, self._global, clipped_sum, len(results), None, len(self._sampled)
+        )
         outcome.user_level = self.dp.summary()
         return new
 
@@ -200,8 +210,15 @@ class SecAggAdapterStrategy(LegacyFedAvg):
     def evaluate(self, server_round: int, parameters: Parameters) -> tuple[float, dict[str, Scalar]] | None:
         if server_round > 0 and self._recorded_round != server_round:
             # The workflow halted before aggregate_fit (too few clients or shares left).
-            self._record(RoundOutcome(server_round, failures={"server": "secure aggregation halted: fewer than 2 "
-                         "clients sampled, or too few left for the reconstruction threshold"}))
+            self._record(
+                RoundOutcome(
+                    server_round,
+                    failures={
+                        "server": "secure aggregation halted: fewer than 2 "
+                        "clients sampled, or too few left for the reconstruction threshold"
+                    },
+                )
+            )
         arrays = parameters_to_ndarrays(parameters)
         state = {k: torch.from_numpy(a.copy()) for k, a in zip(self.keys, arrays, strict=True)}
         metrics = self.evaluate_state(server_round, state)
@@ -231,8 +248,15 @@ def run_secagg(
     """Run all rounds through DefaultWorkflow(fit_workflow=SecAggPlusWorkflow(...))."""
     s, sp = cfg.strategy, cfg.secaggplus
     strategy = SecAggAdapterStrategy(
-        initial, evaluate_state, record, fraction=float(s.fraction_train), min_clients=int(s.min_train_clients),
-        min_available=int(s.min_available_clients), dp=dp, study=study, grid=grid,
+        initial,
+        evaluate_state,
+        record,
+        fraction=float(s.fraction_train),
+        min_clients=int(s.min_train_clients),
+        min_available=int(s.min_available_clients),
+        dp=dp,
+        study=study,
+        grid=grid,
     )
     workflow = DefaultWorkflow(
         fit_workflow=SecAggPlusWorkflow(
