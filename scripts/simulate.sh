@@ -11,6 +11,8 @@ cd "$(dirname "$0")/.."
 export FLWR_HOME=${FLWR_HOME:-$PWD/.flwr}
 export FLWR_TELEMETRY_ENABLED=0 FLWR_DISABLE_UPDATE_CHECK=1
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1
+# Ray (the simulation engine) warns of a future change for CPU-only actors; nothing a user can act on.
+export RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO=0
 export FLWR_LOCAL_SUPERLINK_HTTP_API_PORT=${FLWR_LOCAL_SUPERLINK_HTTP_API_PORT:-39091}
 export FLWR_LOCAL_CONTROL_API_PORT=${FLWR_LOCAL_CONTROL_API_PORT:-39093}
 export PATH="$PWD/.venv/bin:$PATH"
