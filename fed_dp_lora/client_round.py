@@ -28,7 +28,7 @@ from fed_dp_lora.models import load_trainable_state, trainable_state
 from fed_dp_lora.node_policy import NodePolicy, PolicyError, apply_node_config, resolve_delta, simulation_state_dir
 from fed_dp_lora.privacy.engine import GradientEngine, PrivateGradientEngine
 from fed_dp_lora.privacy.institution_ledger import InstitutionLedger, Plan, Request
-from fed_dp_lora.privacy.ledger_store import InstitutionState, reconcile, state_digest
+from fed_dp_lora.privacy.ledger_store import InstitutionState, LedgerError, LedgerReceipt, reconcile, state_digest
 from fed_dp_lora.privacy.streams import StreamKey, institution_secret, model_seed, round_generators, simulation_secret
 from fed_dp_lora.probe import LinearProbe, centring
 from fed_dp_lora.probe.centring import centred_head, fold_into
@@ -59,13 +59,22 @@ class RoundRequest:
 
 @dataclass
 class Released:
-    """An update whose cost is on the institution's disk: the only thing a reply is built from."""
+    """An update whose cost is on the institution's disk: the only thing a reply is built from.
+
+    An accounted release (one that carries an epsilon) cannot be made without the receipt of
+    the ledger that holds it (ledger_store.LedgerReceipt), so no reply can precede its ledger.
+    """
 
     state: dict[str, torch.Tensor]
     metrics: dict[str, float]
     ledger: InstitutionLedger | None
     policy: NodePolicy
+    receipt: LedgerReceipt | None
     local: dict[str, Any] = field(default_factory=dict)  # for the institution's log only
+
+    def __post_init__(self) -> None:
+        if reply.EPSILON in self.metrics and self.receipt is None:
+            raise LedgerError("an accounted update without its ledger's receipt; nothing may leave")
 
 
 _process_started = True  # the first round in this process pays for Python start-up and imports
@@ -140,7 +149,8 @@ def _locked_round(
     if store is not None and ledger.trained(study, request.server_round):
         kept = store.release(study, request.server_round, digest)
         if kept is not None:  # same round, same global adapter: resend; nothing new leaks
-            return Released(kept[0], {**kept[1], "replayed": 1.0}, ledger, policy, {"replayed": True})
+            receipt = store.receipt_on_disk(study, request.server_round) if reply.EPSILON in kept[1] else None
+            return Released(kept[0], {**kept[1], "replayed": 1.0}, ledger, policy, receipt, {"replayed": True})
         log.warning(
             "Round %d was already trained here from another global adapter; training again is a "
             "new release, with fresh noise, and is counted again",
@@ -351,10 +361,14 @@ def _persist(
     }
     if data.partition is not None:
         metrics["partition-id"] = data.partition
+    receipt = None
     if plan is not None:
         ledger.record(plan, request.server_round, stats.steps)
-        if store is not None:
-            store.save_ledger(ledger)  # on disk before the update can leave this client
+        receipt = (  # on disk before the update can leave this client
+            store.save_ledger(ledger, plan.request.study, request.server_round)
+            if store is not None
+            else LedgerReceipt.in_memory(ledger, plan.request.study, request.server_round)
+        )
         study = ledger.study(plan.request.study)
         epsilon = study.epsilon()
         metrics.update(
@@ -369,7 +383,7 @@ def _persist(
     metrics = reply.metrics(metrics)
     if store is not None and request.study:
         store.save_release(request.study, request.server_round, digest, state, metrics)
-    return Released(state, metrics, ledger if plan is not None else None, data.policy, local)
+    return Released(state, metrics, ledger if plan is not None else None, data.policy, receipt, local)
 
 
 __all__ = ["InputRefused", "PolicyError", "Released", "RoundRequest", "check_request", "train_round"]

@@ -24,6 +24,7 @@ import json
 import os
 import secrets
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +57,28 @@ def _read_json(path: Path, what: str) -> Any:
         raise LedgerError(
             f"{what} {path} exists but cannot be read ({err}). Refusing to train. Fix: restore it from a backup"
         ) from err
+
+
+@dataclass(frozen=True)
+class LedgerReceipt:
+    """Proof that the ledger holding one round's release is on the institution's disk.
+
+    Made only where the ledger was written (`InstitutionState.save_ledger`) or read back from
+    disk (a kept release resent); a reply that carries an epsilon cannot be built without one
+    (client_round.Released), so the order "ledger first, then the update" is a rule of the
+    types rather than of line order.
+    """
+
+    path: Path | None  # None: a client without a state dir, whose ledger lives in memory only
+    study: str
+    server_round: int
+
+    @classmethod
+    def in_memory(cls, ledger: InstitutionLedger, study: str, server_round: int) -> LedgerReceipt:
+        """For a client with nowhere to persist (direct calls, tests): the ledger must still hold it."""
+        if not ledger.trained(study, server_round):
+            raise LedgerError(f"round {server_round} of study {study!r} is not in the ledger; nothing may leave")
+        return cls(None, study, server_round)
 
 
 class InstitutionState:
@@ -114,8 +137,15 @@ class InstitutionState:
                 "Fix: restore the file from a backup; delete it only if you accept losing the record"
             ) from err
 
-    def save_ledger(self, ledger: InstitutionLedger) -> None:
-        """Write the ledger durably (fsync, atomic rename) before any update is released."""
+    def save_ledger(self, ledger: InstitutionLedger, study: str, server_round: int) -> LedgerReceipt:
+        """Write the ledger durably (fsync, atomic rename) before any update is released; the
+        receipt names the round it covers, which the ledger must hold."""
+        if not ledger.trained(study, server_round):
+            raise LedgerError(f"round {server_round} of study {study!r} is not in the ledger being saved")
+        self._write_ledger(ledger)
+        return LedgerReceipt(self.ledger_path, study, server_round)
+
+    def _write_ledger(self, ledger: InstitutionLedger) -> None:
         payload = json.dumps({"ledger": ledger.to_dict()}, indent=1).encode()
         try:
             write_atomic(self.ledger_path, payload)
@@ -124,6 +154,13 @@ class InstitutionState:
                 f"privacy ledger {self.ledger_path} cannot be written: {err}. Refusing to "
                 "release an update whose cost is not on record"
             ) from err
+
+    def receipt_on_disk(self, study: str, server_round: int) -> LedgerReceipt:
+        """The receipt for a round the ledger on disk already holds (a kept release resent)."""
+        ledger = self.load_ledger()
+        if ledger is None or not ledger.trained(study, server_round):
+            raise LedgerError(f"round {server_round} of study {study!r} is not in {self.ledger_path}")
+        return LedgerReceipt(self.ledger_path, study, server_round)
 
     def _migrate_study_ledgers(self) -> InstitutionLedger | None:
         """Fold the per-study ledgers of earlier versions (ledger-<study>.json) into one."""
@@ -144,7 +181,7 @@ class InstitutionState:
                 raise LedgerError(
                     f"privacy ledger {path} cannot be read ({err}). Refusing to train. Fix: restore it from a backup"
                 ) from err
-        self.save_ledger(ledger)
+        self._write_ledger(ledger)
         for path in old:
             path.rename(path.with_name(path.name + ".migrated"))
         return ledger

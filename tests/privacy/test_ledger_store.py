@@ -10,12 +10,11 @@ import torch
 
 from fed_dp_lora.privacy.accountant import PrivacyLedger
 from fed_dp_lora.privacy.institution_ledger import InstitutionLedger, Release, StudyTerms
-from fed_dp_lora.privacy.ledger_store import InstitutionState, LedgerError, reconcile, state_digest
+from fed_dp_lora.privacy.ledger_store import InstitutionState, LedgerError, LedgerReceipt, reconcile, state_digest
 
 
 def ledger(*rounds: int, study: str = "study-a") -> InstitutionLedger:
-    return InstitutionLedger([Release(study, r, 1.1, 0.1, 10) for r in rounds],
-                             {study: StudyTerms(1e-5, "rdp", 1.1)})
+    return InstitutionLedger([Release(study, r, 1.1, 0.1, 10) for r in rounds], {study: StudyTerms(1e-5, "rdp", 1.1)})
 
 
 def test_ledger_round_trips_with_every_study(tmp_path):
@@ -24,15 +23,23 @@ def test_ledger_round_trips_with_every_study(tmp_path):
     both = ledger(1, 2)
     both.releases.append(Release("study-b", 1, 2.0, 0.2, 5))
     both.studies["study-b"] = StudyTerms(1e-6, "prv", 2.0)
-    store.save_ledger(both)
+    store.save_ledger(both, "study-b", 1)
     assert InstitutionState(tmp_path).load_ledger() == both
 
 
-@pytest.mark.parametrize("damage", ["{not json", '{"other": 1}', '{"ledger": {"version": 1}}',
-                                    '{"ledger": {"version": 2, "study": ["a"], "round": []}}', ""])
+@pytest.mark.parametrize(
+    "damage",
+    [
+        "{not json",
+        '{"other": 1}',
+        '{"ledger": {"version": 1}}',
+        '{"ledger": {"version": 2, "study": ["a"], "round": []}}',
+        "",
+    ],
+)
 def test_an_unreadable_ledger_refuses_instead_of_restarting_from_zero(tmp_path, damage):
     store = InstitutionState(tmp_path)
-    store.save_ledger(ledger(1))
+    store.save_ledger(ledger(1), "study-a", 1)
     store.ledger_path.write_text(damage)
     with pytest.raises(LedgerError, match=str(store.ledger_path)):
         store.load_ledger()
@@ -102,6 +109,17 @@ def test_reconcile_takes_the_longer_copy_and_refuses_disagreement(tmp_path):
 
 def test_ledger_file_is_plain_json_an_auditor_can_read(tmp_path):
     store = InstitutionState(tmp_path)
-    store.save_ledger(ledger(1))
+    store.save_ledger(ledger(1), "study-a", 1)
     data = json.loads(store.ledger_path.read_text())["ledger"]
     assert data["study"] == ["study-a"] and data["round"] == [1] and data["steps"] == [10]
+
+
+def test_a_receipt_is_only_given_for_a_round_the_saved_ledger_holds(tmp_path):
+    store = InstitutionState(tmp_path)
+    receipt = store.save_ledger(ledger(1, 2), "study-a", 2)
+    assert receipt == LedgerReceipt(store.ledger_path, "study-a", 2) == store.receipt_on_disk("study-a", 2)
+    with pytest.raises(LedgerError, match="not in the ledger"):
+        store.save_ledger(ledger(1), "study-a", 2)
+    with pytest.raises(LedgerError, match="not in"):
+        store.receipt_on_disk("study-b", 1)
+    assert InstitutionState(tmp_path).load_ledger() == ledger(1, 2)  # the refused save wrote nothing
