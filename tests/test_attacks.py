@@ -79,6 +79,7 @@ def test_real_attacking_client_is_rejected_by_the_server(tmp_path, tiny_models, 
     assert list(entry["failures"]) == ["client-0"] and reason in entry["failures"]["client-0"]
 
 
+@pytest.mark.slow  # a fresh interpreter importing the ClientApp
 def test_a_deployed_node_never_loads_the_attack_code():
     """The ClientApp imports attacks.py only for a simulated client (no data file of its own)."""
     code = ("import sys; import fed_dp_lora.client_app; "

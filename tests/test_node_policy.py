@@ -83,6 +83,7 @@ def test_delta_is_the_runs_capped_by_the_node_and_below_one_over_records(make_cf
         resolve_delta(make_cfg("privacy.delta=0.01"), node, 1000)
 
 
+@pytest.mark.slow  # a federation in process
 def test_simulated_clients_keep_their_state_outside_the_run_outputs(tmp_path, monkeypatch):
     from fed_dp_lora.experiments.inprocess import run_federation
 

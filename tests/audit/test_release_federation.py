@@ -52,6 +52,7 @@ def test_a_client_that_claims_epsilon_but_adds_no_noise_is_caught(tmp_path):
     assert result["epsilon_lower"] > result["claimed_epsilon"], result
 
 
+@pytest.mark.slow  # a federation in process
 def test_canaries_change_the_audited_clients_release_and_no_other(make_cfg):
     settings = ("data.test_fraction=0.9", "train.batch_size=16", "train.epochs=0.5", "privacy.seeded_noise=true")
     audited = make_cfg(*settings, "audit.release.enabled=true", "audit.release.client=0",

@@ -93,6 +93,7 @@ def clipped_sum(indices: list[int], clip: float) -> dict[str, np.ndarray]:
     return total
 
 
+@pytest.mark.slow  # Flower's SecAgg+ protocol end to end in process
 def test_dp_unmasked_sum_equals_the_plain_sum_of_clipped_updates(tmp_path, make_cfg):
     grid = secagg_grid()
     report, states = run(tmp_path, make_cfg, grid, "strategy=dp-fedavg", "strategy.clip_norm=1.0",
@@ -116,6 +117,7 @@ def test_dp_unmasked_sum_equals_the_plain_sum_of_clipped_updates(tmp_path, make_
     assert report.summary()["privacy"]["user_level"]["enabled"] is True
 
 
+@pytest.mark.slow  # Flower's SecAgg+ protocol end to end in process
 def test_fedavg_under_secagg_is_the_weighted_mean_of_the_updates(tmp_path, make_cfg):
     _, states = run(tmp_path, make_cfg, secagg_grid(), "secaggplus.max_weight=40")
     total = sum(NUM_EXAMPLES)
@@ -124,6 +126,7 @@ def test_fedavg_under_secagg_is_the_weighted_mean_of_the_updates(tmp_path, make_
         assert torch.allclose(v.double(), want, atol=4 * STEP), k
 
 
+@pytest.mark.slow  # Flower's SecAgg+ protocol end to end in process
 def test_a_client_dropping_mid_round_does_not_stop_the_round(tmp_path, make_cfg):
     # 4 clients, shares with all, threshold round(0.5 * 4) = 2: one dropout is recoverable.
     report, states = run(tmp_path, make_cfg, secagg_grid(drop=2), "strategy=dp-fedavg",
@@ -138,6 +141,7 @@ def test_a_client_dropping_mid_round_does_not_stop_the_round(tmp_path, make_cfg)
     assert report.rounds[1]["strategy"]["aggregated"] == 3
 
 
+@pytest.mark.slow  # Flower's SecAgg+ protocol end to end in process
 def test_too_many_dropouts_halt_the_round_and_keep_the_adapter(tmp_path, make_cfg):
     # Threshold: all 4 shares; after one dropout only 3 neighbours are left, below it.
     report, states = run(tmp_path, make_cfg, secagg_grid(drop=1), "secaggplus.num_shares=1.0",
