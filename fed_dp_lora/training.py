@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import math
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -226,15 +227,39 @@ def train_local(
     if engine.private:
         probe, _ = data.slots(torch.arange(2), device)  # real or padding rows: shape is what counts
         engine.verify_coverage(per_sample_losses(model, probe, None))
+    micro = slots if cfg.train.micro_batch_size is None else int(cfg.train.micro_batch_size)
+    return poisson_steps(
+        engine,
+        optimizer,
+        slots,
+        sample_rate,
+        steps,
+        generator,
+        lambda index: _backward_batch(engine, data, index, micro, record_weights),
+    )
+
+
+def poisson_steps(
+    engine: GradientEngine,
+    optimizer: torch.optim.Optimizer,
+    slots: int,
+    sample_rate: float,
+    steps: int,
+    generator: torch.Generator,
+    backward: Callable[[torch.Tensor], tuple[int, float]],
+) -> TrainStats:
+    """The DP-SGD step loop of every recipe: each step a Poisson batch over `slots` public
+    slots; `backward(index)` accumulates per-record gradients and returns (records, their summed
+    loss); the engine clips, noises and normalises once per step (an empty batch is a noise-only
+    step)."""
     stats = TrainStats(steps, 0, 0, 0, 0.0)
     loss_sum = 0.0
-    micro = slots if cfg.train.micro_batch_size is None else int(cfg.train.micro_batch_size)
     for _ in range(steps):
         index = (torch.rand(slots, generator=generator) < sample_rate).nonzero().squeeze(1)
         optimizer.zero_grad(set_to_none=True)
-        records, step_loss = _backward_batch(engine, data, index, micro, record_weights)
+        records, step_loss = backward(index)
         loss_sum += step_loss
-        stats.empty_batches += int(records == 0)  # the engine then takes a noise-only step
+        stats.empty_batches += int(records == 0)
         if engine.finalize(records):
             optimizer.step()
         stats.examples += records

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 
 from fed_dp_lora.privacy.engine import GradientEngine
-from fed_dp_lora.training import TrainStats, make_optimizer
+from fed_dp_lora.training import TrainStats, make_optimizer, poisson_steps
 
 
 def padded(features: torch.Tensor, labels: torch.Tensor, slots: int) -> tuple[torch.Tensor, ...]:
@@ -45,23 +45,16 @@ def train_head(
     optimizer = make_optimizer(engine.params, cfg)
     if engine.private:
         engine.verify_coverage(F.cross_entropy(head(x[:2]), y[:2], reduction="none"))
-    stats, loss_sum = TrainStats(steps, 0, 0, 0, 0.0), 0.0
-    for _ in range(steps):
-        index = (torch.rand(len(real), generator=generator) < sample_rate).nonzero().squeeze(1)
-        optimizer.zero_grad(set_to_none=True)
+
+    def backward(index: torch.Tensor) -> tuple[int, float]:
         mine = real[index]
-        records = int(mine.sum())
-        if len(index):
-            losses = F.cross_entropy(head(x[index]), y[index], reduction="none")
-            weights = mine.to(device).float()
-            if record_weights is not None:
-                weights = weights * record_weights[y[index]]
-            engine.backward(losses, weights)
-            loss_sum += float(losses.detach()[mine.to(device)].sum())
-        stats.empty_batches += int(records == 0)
-        if engine.finalize(records):
-            optimizer.step()
-        stats.examples += records
-        stats.rows += len(index)
-    stats.mean_loss = loss_sum / max(stats.examples, 1)
-    return stats
+        if not len(index):
+            return 0, 0.0
+        losses = F.cross_entropy(head(x[index]), y[index], reduction="none")
+        weights = mine.to(device).float()
+        if record_weights is not None:
+            weights = weights * record_weights[y[index]]
+        engine.backward(losses, weights)
+        return int(mine.sum()), float(losses.detach()[mine.to(device)].sum())
+
+    return poisson_steps(engine, optimizer, len(real), sample_rate, steps, generator, backward)
