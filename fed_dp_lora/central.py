@@ -86,7 +86,7 @@ class CentralEvaluator:
             self.length_info, self.length_warning = length_report(lengths, int(cfg.train.max_length))
         # The linear probe's head is evaluated on the test set's cached features (the server's own).
         self.test_features = (
-            cached_features(self.model, self.test, cache_dir() / "features")
+            self.model.joined(cached_features(self.model, self.test, cache_dir() / "features"), self.test.columns)
             if isinstance(self.model, LinearProbe)
             else None
         )

@@ -28,6 +28,7 @@ from fed_dp_lora.data.canaries import canary_words, client_canaries
 from fed_dp_lora.files import write_atomic
 from fed_dp_lora.models import ModelSpec, build, cache_dir, load_tokenizer
 from fed_dp_lora.node_policy import NodePolicy, PolicyError
+from fed_dp_lora.probe import LinearProbe
 from fed_dp_lora.probe.features import cached_features
 from fed_dp_lora.training import Encoded, encode, plan_steps
 
@@ -65,6 +66,7 @@ class TableSpec:
     model_name: str  # the tokenizer
     task: str
     max_length: int
+    method: str  # train.method: only the linear probe's records carry data.columns' features
     seed: int  # the hold-out split and the partitions
     audit_enabled: bool
     audit_canaries: int
@@ -74,14 +76,24 @@ class TableSpec:
     def of(cls, cfg: DictConfig) -> TableSpec:
         data = json.dumps(OmegaConf.to_container(cfg.data, resolve=True), sort_keys=True)
         a = cfg.audit
-        return cls(data, cfg.model.name, cfg.model.task, cfg.train.max_length, cfg.seed, a.enabled, a.canaries, a.seed)
+        return cls(
+            data,
+            cfg.model.name,
+            cfg.model.task,
+            cfg.train.max_length,
+            cfg.train.method,
+            cfg.seed,
+            a.enabled,
+            a.canaries,
+            a.seed,
+        )
 
     def config(self) -> DictConfig:
         cfg = OmegaConf.create(
             {
                 "data": json.loads(self.data),
                 "model": {"name": self.model_name, "task": self.task},
-                "train": {"max_length": self.max_length},
+                "train": {"max_length": self.max_length, "method": self.method},
                 "seed": self.seed,
                 "audit": {"enabled": self.audit_enabled, "canaries": self.audit_canaries, "seed": self.audit_seed},
             }
@@ -197,4 +209,5 @@ def client_features(cfg: DictConfig, policy: NodePolicy, data: ClientData, model
     institution's state dir in deployment (never sent), the user cache dir for simulated clients
     (partitions of a public data set)."""
     folder = Path(str(policy.state_dir)) if policy.deployment and policy.state_dir else cache_dir() / "features"
-    return cached_features(model, data.encoded, folder, slots=data.records)  # type: ignore[arg-type]
+    assert isinstance(model, LinearProbe)  # only the probe's round asks for features
+    return model.joined(cached_features(model, data.encoded, folder, slots=data.records), data.encoded.columns)

@@ -7,7 +7,9 @@ defines them.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
+import json
 import logging
 import os
 from dataclasses import dataclass
@@ -103,6 +105,7 @@ class ModelSpec:
     gradient_checkpointing: bool
     num_labels: int | None
     method: str  # train.method: linear-probe builds a LinearProbe on the base, lora a PEFT model
+    columns: str = ""  # the linear probe's data.columns (JSON), "" when its head reads the text alone
 
     @classmethod
     def of(cls, cfg: DictConfig, num_labels: int | None) -> ModelSpec:
@@ -125,7 +128,17 @@ class ModelSpec:
             cfg.train.gradient_checkpointing,
             num_labels,
             cfg.train.method,
+            _probe_columns(cfg),
         )
+
+
+def _probe_columns(cfg: DictConfig) -> str:
+    from fed_dp_lora.data.columns import declared  # data imports config only; keep models' imports light
+
+    columns = declared(cfg)
+    if columns.width() == 0:
+        return ""
+    return json.dumps(dataclasses.asdict(columns), sort_keys=True)
 
 
 def model_source(cfg: DictConfig) -> str:

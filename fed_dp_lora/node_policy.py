@@ -4,8 +4,9 @@ The server writes the run config, so anything that decides how much privacy an i
 gives up, or which of its columns are read, is set here by the institution. The run config can
 only ask for less privacy loss. In deployment a node holds its data file (`data-path`), and with
 DP on it must declare a lifetime budget (`epsilon`), its public record count (`records`) and a
-state dir. A run with privacy off is refused unless the node opts in. The column mapping and
-the label set are pinned by the node: a run that asks for other columns or labels is refused.
+state dir. A run with privacy off is refused unless the node opts in. The column mapping, the
+table columns the probe's head may read and the label set are pinned by the node: a run that
+asks for other columns or labels is refused.
 
 A simulated client (no `data-path`, a `partition-id` from the simulation engine) reads a
 partition of a public data set and has no policy of its own.
@@ -23,6 +24,7 @@ from typing import Any
 from omegaconf import DictConfig
 
 from fed_dp_lora.config import ConfigError, validate
+from fed_dp_lora.data.columns import column_names, declared
 
 
 class PolicyError(ValueError):
@@ -49,6 +51,11 @@ NODE_KEYS: dict[str, tuple[type, str]] = {
     "label-column": (str, "column holding the label (default label)"),
     "prompt-column": (str, "column holding the prompt, causal LM (default prompt)"),
     "response-column": (str, "column holding the response, causal LM (default response)"),
+    "feature-columns": (
+        str,
+        "table columns the linear probe's head may read besides the text, comma-separated "
+        "(default none): a run whose data.columns names another is refused",
+    ),
     "allow-non-private": (bool, "true lets a run with privacy off train on this node's data"),
     "name": (str, "the institution's public name, shown in the server's report"),
     "batch-size": (int, "local expected batch size (train.batch_size)"),
@@ -243,6 +250,7 @@ def _deployment_rules(cfg: DictConfig, values: dict[str, Any]) -> None:
             f"the run asks for column {cfg.data[field]!r}, this node pins {pinned!r}",
             f"run with data.{field}={pinned}, or change the node's {key}",
         )
+    _column_rule(cfg, values)
     if cfg.model.task == "classification":
         _require("labels" in values, "labels", "is missing", 'add labels="<class>,<class>,..." (index order)')
         asked = None if cfg.data.labels is None else [str(x) for x in cfg.data.labels]
@@ -253,6 +261,20 @@ def _deployment_rules(cfg: DictConfig, values: dict[str, Any]) -> None:
             f"run with data.labels=[{','.join(values['labels'])}]",
         )
         cfg.data.labels = values["labels"]
+
+
+def _column_rule(cfg: DictConfig, values: dict[str, Any]) -> None:
+    """The head reads only the table columns the institution allows (data.columns, linear probe)."""
+    asked = column_names(declared(cfg))
+    allowed = [c.strip() for c in values.get("feature-columns", "").split(",") if c.strip()]
+    refused = [c for c in asked if c not in allowed]
+    _require(
+        not refused,
+        "feature-columns",
+        f"the run asks the head to read column(s) {refused}; this node allows {allowed or 'none'}",
+        f'add feature-columns="{",".join(asked)}" if the institution accepts, or run with '
+        "data.columns.numeric=[] data.columns.categorical=[]",
+    )
 
 
 def resolve_delta(cfg: DictConfig, policy: NodePolicy, records: int) -> float:

@@ -5,20 +5,34 @@ or labels outside the declared set show up on the institution's terminal at star
 fix, instead of as a refused round later (where the server would see only a code).
 
     python -m fed_dp_lora.preflight --data FILE --records N [--labels good,bad]
-        [--text-column text] [--label-column label]
+        [--text-column text] [--label-column label] [--feature-columns A,B,...]
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Sequence
 
 from fed_dp_lora.config import compose_config
 from fed_dp_lora.data.sources import DataError, read_file, standardize
 
 
-def check(data: str, records: int, labels: list[str] | None, text_column: str, label_column: str) -> str:
+def check(
+    data: str,
+    records: int,
+    labels: list[str] | None,
+    text_column: str,
+    label_column: str,
+    feature_columns: Sequence[str] = (),
+) -> str:
     """A one-line summary of the file; DataError (with the fix) if it cannot serve this node."""
+    absent = [c for c in feature_columns if c not in read_file(data).columns]
+    if absent:
+        raise DataError(
+            f"data file {data} has no column(s) {absent} that --feature-columns allows. "
+            "Fix: add them to the file, or leave them out of --feature-columns"
+        )
     overrides = ["data=file", f"data.text_column={text_column}", f"data.label_column={label_column}"]
     if labels:
         overrides.append(f"data.labels=[{','.join(labels)}]")
@@ -43,10 +57,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--labels", default="")
     parser.add_argument("--text-column", default="text")
     parser.add_argument("--label-column", default="label")
+    parser.add_argument("--feature-columns", default="")
     args = parser.parse_args(argv)
     labels = [x.strip() for x in args.labels.split(",") if x.strip()] or None
+    allowed = [x.strip() for x in args.feature_columns.split(",") if x.strip()]
     try:
-        print(check(args.data, args.records, labels, args.text_column, args.label_column))
+        print(check(args.data, args.records, labels, args.text_column, args.label_column, allowed))
     except DataError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

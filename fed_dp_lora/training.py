@@ -22,6 +22,7 @@ from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score, r
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from fed_dp_lora.data.columns import column_features, declared
 from fed_dp_lora.privacy.engine import GradientEngine
 
 IGNORE = -100
@@ -35,6 +36,7 @@ class Encoded:
     attention_mask: torch.Tensor
     labels: torch.Tensor  # class index per record, or token labels (IGNORE outside the response)
     pad_token_id: int = 0
+    columns: torch.Tensor | None = None  # data.columns' features per record (the linear probe's head reads them)
 
     def __len__(self) -> int:
         return int(self.input_ids.shape[0])
@@ -51,6 +53,8 @@ class Encoded:
             "attention_mask": mask[:, :width],
             "labels": self.labels[index] if self.labels.dim() == 1 else self.labels[index, :width],
         }
+        if self.columns is not None:
+            rows["columns"] = self.columns[index]
         return _to_device(rows, device)
 
     def slots(self, index: torch.Tensor, device: torch.device) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
@@ -67,6 +71,8 @@ class Encoded:
             rows["input_ids"][real] = self.input_ids[picked]
             rows["attention_mask"][real] = self.attention_mask[picked]
             rows["labels"][real] = self.labels[picked]
+            if self.columns is not None:
+                rows["columns"][real] = self.columns[picked]
         return _to_device(rows, device), real
 
     def _padding(self, count: int) -> dict[str, torch.Tensor]:
@@ -78,11 +84,14 @@ class Encoded:
             if self.labels.dim() == 1
             else torch.full((count, width), IGNORE, dtype=torch.long)
         )
-        return {
+        rows = {
             "input_ids": torch.full((count, width), self.pad_token_id, dtype=torch.long),
             "attention_mask": mask,
             "labels": labels,
         }
+        if self.columns is not None:
+            rows["columns"] = torch.zeros((count, self.columns.shape[1]), dtype=self.columns.dtype)
+        return rows
 
 
 def _to_device(rows: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
@@ -115,7 +124,8 @@ def encode(table: pd.DataFrame, tokenizer: PreTrainedTokenizerBase, cfg: DictCon
             return_tensors="pt",
         )
         labels = torch.tensor(table["label"].to_numpy(), dtype=torch.long)
-        return Encoded(enc["input_ids"], enc["attention_mask"], labels, int(tokenizer.pad_token_id))
+        columns = column_features(table, declared(cfg))
+        return Encoded(enc["input_ids"], enc["attention_mask"], labels, int(tokenizer.pad_token_id), columns)
     rows = [_prompt_response_ids(p, r, tokenizer) for p, r in zip(table["prompt"], table["response"], strict=True)]
     ids = torch.full((len(rows), max_length), tokenizer.pad_token_id, dtype=torch.long)
     mask = torch.zeros((len(rows), max_length), dtype=torch.long)
@@ -146,11 +156,16 @@ def _prompt_response_ids(prompt: str, response: str, tokenizer: PreTrainedTokeni
     return list(prompt_ids), list(response_ids) + [tokenizer.eos_token_id]
 
 
+def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """What the model's forward takes from a batch: tokens, and column features where there are any."""
+    return {k: batch[k] for k in ("input_ids", "attention_mask", "columns") if k in batch}
+
+
 def per_sample_losses(
     model: nn.Module, batch: dict[str, torch.Tensor], class_weights: torch.Tensor | None
 ) -> torch.Tensor:
     """One loss per record, from the logits (shape: batch)."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    logits = model(**model_inputs(batch)).logits
     labels = batch["labels"]
     if labels.dim() == 1:
         return F.cross_entropy(logits.float(), labels, weight=class_weights, reduction="none")
@@ -312,7 +327,7 @@ def evaluate(model: nn.Module, data: Encoded, batch_size: int) -> dict[str, floa
         batch = data.batch(order[start : start + batch_size], device)
         if classification:
             with compute_precision(device):
-                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                logits = model(**model_inputs(batch)).logits
             outputs.append(torch.softmax(logits.float(), dim=-1).cpu())
         else:
             with compute_precision(device):

@@ -12,7 +12,8 @@ from omegaconf import DictConfig
 
 from fed_dp_lora.client_app import LEDGER_KEY
 from fed_dp_lora.client_data import model_spec
-from fed_dp_lora.config import load_config
+from fed_dp_lora.config import compose_config, load_config
+from fed_dp_lora.data.columns import column_names, declared
 from fed_dp_lora.data.sources import CREDIT_LABELS, credit_table
 from fed_dp_lora.models import ModelSpec, build, trainable_state
 from fed_dp_lora.reply import METRICS, NODE_FIELDS, NODE_RECORD
@@ -78,10 +79,15 @@ def ledger_of(context: Context) -> dict | None:
     return None if record is None else dict(record)
 
 
+# What the default run's head reads besides the text (conf/data/credit.yaml); the institutions allow it.
+CREDIT_COLUMNS = ",".join(column_names(declared(compose_config([]))))
+
+
 def bank_file(path: Path, n: int, seed: int = 5, extra: pd.DataFrame | None = None) -> Path:
-    """A CSV of n real credit applicants (columns text,label with label names), plus `extra` rows."""
+    """A CSV of n real credit applicants (text, label names and the table columns credit's
+    data.columns reads), plus `extra` rows."""
     table = credit_table("classification").sample(n=n, random_state=seed)
-    frame = pd.DataFrame({"text": table["text"], "label": [CREDIT_LABELS[i] for i in table["label"]]})
+    frame = table.assign(label=[CREDIT_LABELS[i] for i in table["label"]])
     if extra is not None:
         frame = pd.concat([frame, extra], ignore_index=True)
     frame.to_csv(path, index=False)
@@ -91,4 +97,4 @@ def bank_file(path: Path, n: int, seed: int = 5, extra: pd.DataFrame | None = No
 def institution_config(csv: Path, state_dir: Path, **extra) -> dict:
     """A deployment node-config with everything an institution with DP must declare."""
     return {"data-path": str(csv), "state-dir": str(state_dir), "records": 100, "epsilon": 50.0,
-            "labels": "good,bad", **extra}
+            "labels": "good,bad", "feature-columns": CREDIT_COLUMNS, **extra}

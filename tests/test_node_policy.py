@@ -95,3 +95,19 @@ def test_simulated_clients_keep_their_state_outside_the_run_outputs(tmp_path, mo
     folder = simulation_state_dir(summary["run"]["study"], 0)
     assert Path(folder).is_relative_to(tmp_path / "state") and (folder / "noise.key").is_file()
     assert json.loads((folder / "ledger.json").read_text())["ledger"]["steps"] == [1]
+
+
+def test_the_head_reads_only_the_table_columns_the_node_allows(tmp_path):
+    from fed_dp_lora.config import compose_config
+
+    cfg = compose_config(["privacy.epsilon=8"])  # the default: credit, whose head reads its columns
+    with pytest.raises(PolicyError, match=r"node-config feature-columns: the run asks the head to read column\(s\) "
+                                          r"\['Seniority'.*this node allows none\. Fix: add feature-columns="):
+        apply_node_config(cfg, deployment(tmp_path))
+    with pytest.raises(PolicyError, match=r"read column\(s\) \['Job'\]; this node allows \['Age'"):
+        apply_node_config(compose_config(["data.columns.numeric=[Age]", "data.columns.categorical=['Job=fixed']"]),
+                          deployment(tmp_path, **{"feature-columns": "Age"}))
+    age_only = compose_config(["data.columns.numeric=[Age]", "data.columns.categorical=[]"])
+    apply_node_config(age_only, deployment(tmp_path, **{"feature-columns": "Age"}))
+    text_only = "data.columns.numeric=[]", "data.columns.categorical=[]"
+    apply_node_config(compose_config(list(text_only)), deployment(tmp_path))

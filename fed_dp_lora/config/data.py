@@ -24,6 +24,53 @@ class LearningRates(Group):
 
 
 @dataclass
+class TableColumns(Group):
+    """Table columns the linear probe's head reads beside the text's features (a wide-and-deep probe).
+
+    A frozen text encoder keeps numbers only roughly (scripts/utility/NOTES.md, sections 2 and 7),
+    so for a tabular source the head also reads the row's own columns, transformed by fixed public
+    rules: a numeric value v becomes sign(v) log(1 + |v|) and a missing flag; a categorical value a
+    one-hot over levels declared here (levels read from the records would be a release).
+    """
+
+    KEY: ClassVar[str] = "data.columns"
+
+    numeric: list[str] = setting([], "numeric columns: sign(v) log(1+|v|), and a 0/1 missing flag")
+    categorical: list[str] = setting(
+        [],
+        "categorical columns as `name=level|level|...` with their public levels (quote each in an "
+        "override: \"data.columns.categorical=['Job=fixed|freelance']\"); another value is all zeros",
+    )
+    scale: float = setting(0.25, "factor on the column features (their weight beside the text's in one step size)")
+    clip: float = setting(
+        4.0, "L2 bound of a record's column features in the DP feature mean (probe.center_clip's twin)"
+    )
+
+    def levels(self) -> dict[str, list[str]]:
+        """Each categorical column's declared levels, in order."""
+        return {name: levels.split("|") for name, _, levels in (c.partition("=") for c in self.categorical)}
+
+    def width(self) -> int:
+        """How many features the columns add to each record."""
+        return 2 * len(self.numeric) + sum(len(v) for v in self.levels().values())
+
+    def validate(self) -> None:
+        super().validate()
+        for entry in self.categorical:
+            name, eq, levels = entry.partition("=")
+            require(
+                bool(name) and eq == "=" and all(levels.split("|")),
+                self.key("categorical"),
+                f"{entry!r} is not name=level|level",
+                "e.g. 'Home=rent|owner|parents'",
+            )
+        names = list(self.numeric) + list(self.levels())
+        require(len(set(names)) == len(names), self.key("numeric"), "a column is named twice", "name each once")
+        require(self.scale > 0, self.key("scale"), "must be > 0", "e.g. 0.25")
+        require(self.clip > 0, self.key("clip"), "must be > 0", "e.g. 4")
+
+
+@dataclass
 class DataConfig(Group):
     """Records, columns and partitions; the presets conf/data/credit.yaml, reviews.yaml and file.yaml fill it."""
 
@@ -76,6 +123,11 @@ class DataConfig(Group):
         "for most of its texts; the server warns when it cuts more than a quarter of "
         "the test texts",
     )
+    columns: TableColumns = setting(
+        TableColumns(),
+        "table columns the linear probe's head also reads (none by default; credit declares its "
+        "own); recipe=lora reads the text only",
+    )
     lr: LearningRates = setting(
         LearningRates(), "the linear probe's learning rates for this source, used when train.lr=null"
     )
@@ -83,6 +135,7 @@ class DataConfig(Group):
     def validate(self) -> None:
         super().validate()
         self.lr.validate()
+        self.columns.validate()
         require(self.max_length >= 8, self.key("max_length"), "must be >= 8", "e.g. 128")
         if self.source == "hub":
             require(self.name is not None, self.key("name"), "is missing", "set data.name=<hub id>")

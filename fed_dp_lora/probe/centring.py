@@ -6,7 +6,10 @@ offset. Each client therefore trains on its features minus its own mean. Under D
 Gaussian-mechanism release: every record's feature vector clipped to norm C, the sum plus
 N(0, (sigma C)^2 I), divided by the PUBLIC record count. Adding or removing one record moves the
 sum by at most C, so this is one Gaussian mechanism with noise multiplier sigma, composed in the
-institution's ledger as (sigma, q = 1, one step).
+institution's ledger as (sigma, q = 1, one step). When the head also reads table columns
+(data.columns), the encoder's part is clipped to probe.center_clip and the columns' part to
+data.columns.clip, so a record moves the sum by at most C = sqrt(center_clip^2 + clip^2) and
+the noise is scaled to that C.
 
 The client trains the head in centred coordinates and sends it in raw ones (logits = W x + b with
 b = b_c - W mu): the global head needs no mean, and the mean is never sent; only what the head's
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +29,7 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
+from fed_dp_lora.data.columns import declared
 from fed_dp_lora.files import write_atomic
 from fed_dp_lora.privacy.institution_ledger import FEATURE_MEAN, InstitutionLedger, Mechanism
 from fed_dp_lora.privacy.ledger_store import InstitutionState
@@ -42,8 +47,15 @@ class Centre:
 
 def _source(cfg: DictConfig, features: torch.Tensor) -> str:
     h = hashlib.sha256(features.contiguous().numpy().tobytes())
-    h.update(f"{cfg.probe.center_clip}:{cfg.probe.center_noise_multiplier}".encode())
+    h.update(f"{cfg.probe.center_clip}:{cfg.data.columns.clip}:{cfg.probe.center_noise_multiplier}".encode())
     return h.hexdigest()
+
+
+def clip_blocks(cfg: DictConfig, width: int) -> list[tuple[int, float]]:
+    """(width, clip) of each part of a feature vector: the encoder's, then the columns' if any."""
+    columns = declared(cfg).width()
+    blocks = [(width - columns, float(cfg.probe.center_clip))]
+    return blocks + [(columns, float(cfg.data.columns.clip))] if columns else blocks
 
 
 def _path(store: InstitutionState, study: str) -> Path:
@@ -85,7 +97,7 @@ def compute(cfg: DictConfig, features: torch.Tensor, records: int, generator: to
     if not cfg.privacy.enabled:
         return Centre(features.mean(dim=0), "exact")
     mean = private_mean(
-        features, float(cfg.probe.center_clip), float(cfg.probe.center_noise_multiplier), records, generator
+        features, clip_blocks(cfg, features.shape[1]), float(cfg.probe.center_noise_multiplier), records, generator
     )
     return Centre(mean, _source(cfg, features))
 
@@ -98,22 +110,29 @@ def keep(store: InstitutionState, study: str, centre: Centre) -> None:
 
 
 def private_mean(
-    features: torch.Tensor, clip: float, noise_multiplier: float, records: int, generator: torch.Generator | None
+    features: torch.Tensor,
+    blocks: list[tuple[int, float]],
+    noise_multiplier: float,
+    records: int,
+    generator: torch.Generator | None,
 ) -> torch.Tensor:
-    """(sum_i clip(x_i, C) + N(0, (sigma C)^2 I)) / records.
+    """(sum_i clip(x_i) + N(0, (sigma C)^2 I)) / records, each (width, clip) block of a record
+    clipped to its own norm bound, so one record moves the sum by at most C = sqrt(sum clip^2).
 
     Without a generator the noise comes from OS entropy, never from torch's global generator
     (model loading seeds that with a public seed, so the server could replay its draws).
     """
+    assert sum(w for w, _ in blocks) == features.shape[1], "the blocks must cover every feature"
     if generator is None:
         generator = torch.Generator().manual_seed(secrets.randbits(63))
-    norms = features.norm(dim=1, keepdim=True)
-    clipped = features * (clip / (norms + 1e-12)).clamp(max=1.0)
-    device = generator.device if generator is not None else features.device
+    parts = []
+    for part, (_, clip) in zip(features.split([w for w, _ in blocks], dim=1), blocks, strict=True):
+        parts.append(part * (clip / (part.norm(dim=1, keepdim=True) + 1e-12)).clamp(max=1.0))
+    sensitivity = math.sqrt(sum(clip**2 for _, clip in blocks))
     noise = torch.normal(
-        0.0, noise_multiplier * clip, size=(features.shape[1],), generator=generator, device=device
+        0.0, noise_multiplier * sensitivity, size=(features.shape[1],), generator=generator, device=generator.device
     ).to(features.device)
-    return (clipped.sum(dim=0) + noise) / records
+    return (torch.cat(parts, dim=1).sum(dim=0) + noise) / records
 
 
 def centred_head(raw: nn.Linear, mean: torch.Tensor) -> nn.Linear:

@@ -69,5 +69,5 @@ def cached_features(model: LinearProbe, data: Encoded, directory: Path, slots: i
             path, lambda handle: torch.save({"keys": names, "values": torch.stack([known[k] for k in names])}, handle)
         )
     if not keys:
-        return torch.zeros(0, model.classifier.in_features)
+        return torch.zeros(0, model.hidden)
     return torch.stack([known[k] for k in keys])

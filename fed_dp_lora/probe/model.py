@@ -17,6 +17,8 @@ from safetensors.torch import save_file
 from torch import nn
 from transformers.modeling_outputs import SequenceClassifierOutput
 
+from fed_dp_lora.config.data import TableColumns
+
 if TYPE_CHECKING:
     from fed_dp_lora.models import ModelSpec
 
@@ -28,10 +30,13 @@ POOLING = "mean over layers 1..L of the attention-masked token mean"
 class LinearProbe(nn.Module):
     """The frozen base model's encoder and `classifier`, the only trainable (and sent) tensors."""
 
-    def __init__(self, encoder: nn.Module, hidden: int, num_labels: int, identity: str) -> None:
+    def __init__(self, encoder: nn.Module, hidden: int, num_labels: int, identity: str, columns: str = "") -> None:
         super().__init__()
         self.encoder = encoder.requires_grad_(False).eval()
-        self.classifier = nn.Linear(hidden, num_labels)
+        self.hidden = hidden
+        self.columns = columns  # data.columns (JSON) whose features follow the encoder's, "" for none
+        width = TableColumns(**json.loads(columns)).width() if columns else 0
+        self.classifier = nn.Linear(hidden + width, num_labels)
         nn.init.zeros_(self.classifier.weight)  # every record starts at equal logits (models._zero_head)
         nn.init.zeros_(self.classifier.bias)
         self.identity = identity  # which encoder and pooling computed the features (cache key)
@@ -52,8 +57,26 @@ class LinearProbe(nn.Module):
         pooled = [(h.float() * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0) for h in out.hidden_states[1:]]
         return torch.stack(pooled).mean(dim=0)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **_: object) -> SequenceClassifierOutput:
-        return SequenceClassifierOutput(logits=self.classifier(self.features(input_ids, attention_mask)))
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        columns: torch.Tensor | None = None,
+        **_: object,
+    ) -> SequenceClassifierOutput:
+        return SequenceClassifierOutput(
+            logits=self.classifier(self.joined(self.features(input_ids, attention_mask), columns))
+        )
+
+    def joined(self, features: torch.Tensor, columns: torch.Tensor | None) -> torch.Tensor:
+        """The head's input: the encoder's features, then the record's column features if it reads any."""
+        width = self.classifier.in_features - self.hidden
+        if width == 0:
+            return features
+        if columns is None or columns.shape[-1] != width:
+            given = None if columns is None else columns.shape[-1]
+            raise ValueError(f"the head reads {width} column features; the batch has {given}")
+        return torch.cat([features, columns.to(features.device, features.dtype)], dim=-1)
 
     def save_pretrained(self, folder: str | Path) -> None:
         """The head (safetensors) and how to rebuild the features (JSON) beside it."""
@@ -63,7 +86,15 @@ class LinearProbe(nn.Module):
             {k: v.detach().cpu().contiguous() for k, v in self.classifier.state_dict().items()}, folder / HEAD_FILE
         )
         (folder / CONFIG_FILE).write_text(
-            json.dumps({"method": "linear-probe", "pooling": POOLING, "base": self.identity}, indent=1)
+            json.dumps(
+                {
+                    "method": "linear-probe",
+                    "pooling": POOLING,
+                    "base": self.identity,
+                    "columns": json.loads(self.columns) if self.columns else None,
+                },
+                indent=1,
+            )
         )
 
 
@@ -86,7 +117,7 @@ def build_probe(spec: ModelSpec) -> LinearProbe:
     num_labels = int(spec.num_labels)  # type: ignore[arg-type]  # validated: classification has labels
     base = load_base(spec)
     encoder = getattr(base, base.base_model_prefix)
-    return LinearProbe(encoder, int(base.config.hidden_size), num_labels, probe_identity(spec)).to(
+    return LinearProbe(encoder, int(base.config.hidden_size), num_labels, probe_identity(spec), spec.columns).to(
         next(encoder.parameters()).device
     )
 

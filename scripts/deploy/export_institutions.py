@@ -4,8 +4,10 @@ Usage (from the repo root):
     /work/venv/bin/python scripts/deploy/export_institutions.py OUT_DIR --institutions N [--seed S]
         [--overrides "HYDRA OVERRIDES"]
 
-Writes OUT_DIR/institution-<i>.csv (i = 0..N-1) with columns text,label and label names
-good/bad, ready for `supernode.sh --data`. The split is the project's own: the central
+Writes OUT_DIR/institution-<i>.csv (i = 0..N-1) with columns text,label (label names good/bad)
+and the table columns the run's probe head reads (data.columns), ready for `supernode.sh --data`;
+it prints the `--feature-columns` value an institution gives to let the head read them.
+The split is the project's own: the central
 hold-out (data.test_fraction, seeded) is removed first with `holdout_split`, so the test set
 the ServerApp evaluates on never reaches an institution; the rest is divided with
 `client_partition` exactly as simulation divides it among N SuperNodes. Give the run's seed
@@ -26,6 +28,7 @@ if str(ROOT) not in sys.path:
 
 from fed_dp_lora.config import load_config  # noqa: E402
 from fed_dp_lora.data import client_partition, holdout_split, label_names, load_table  # noqa: E402
+from fed_dp_lora.data.columns import column_names, declared  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,16 +47,19 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("only classification tasks export to text,label (model.task is "
                      f"{cfg.model.task!r})")
     names = label_names(cfg)
+    columns = column_names(declared(cfg))
     train, test = holdout_split(load_table(cfg), cfg)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     for i in range(args.institutions):
         part = client_partition(train, cfg, i, args.institutions)
-        out = part[["text", "label"]].assign(label=part["label"].map(lambda v: names[int(v)]))
+        out = part[["text", "label", *columns]].assign(label=part["label"].map(lambda v: names[int(v)]))
         path = args.out_dir / f"institution-{i}.csv"
         out.to_csv(path, index=False)
         counts = out["label"].value_counts().to_dict()
         print(f"{path}: {len(out)} records {counts}")
     print(f"(seed {cfg.seed}; {len(test)} hold-out records kept back for the server's evaluation)")
+    if columns:
+        print(f"the run's head also reads: --feature-columns {','.join(columns)}")
     return 0
 
 

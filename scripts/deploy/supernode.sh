@@ -3,18 +3,20 @@
 #
 # Usage: scripts/deploy/supernode.sh --superlink HOST:PORT --ca CA.crt --key KEY \
 #          --data FILE --state-dir DIR --records N --epsilon E [--labels a,b] [--max-delta D]
-#          [--name NAME] [--text-column C] [--label-column C] [--allow-non-private]
+#          [--name NAME] [--text-column C] [--label-column C] [--feature-columns A,B,...]
+#          [--allow-non-private]
 #          [--port P] [--batch-size B] [--device auto|cpu|cuda] [--pin-app-hash SHA256]...
 #          [--cold-start] [--keygen-only] [--insecure]
 # Env (args win): SUPERLINK, CA_CERT, KEY, DATA_PATH, STATE_DIR, RECORDS, EPSILON, LABELS,
-#   MAX_DELTA, NAME, PORT, BATCH_SIZE, DEVICE, PIN_APP_HASH, FLWR_HOME (default ~/.flwr: where
+#   MAX_DELTA, NAME, FEATURE_COLUMNS, PORT, BATCH_SIZE, DEVICE, PIN_APP_HASH, FLWR_HOME (default ~/.flwr: where
 #   the SuperNode unpacks the app it is sent).
 #   --superlink   the SuperLink's address (superlink.sh's port)
 #   --ca          CA certificate that signed the SuperLink's certificate (make-certs.sh ca.crt)
 #   --key         this institution's ECDSA private key (OpenSSH format). If missing it is made
 #                 with ssh-keygen -t ecdsa -b 384, KEY.pub is printed and the script exits 3:
 #                 the operator registers KEY.pub (register.sh), then start this again.
-#   --data        the institution's CSV/JSONL/Parquet file (columns text,label; label good/bad)
+#   --data        the institution's CSV/JSONL/Parquet file (columns text,label; label good/bad;
+#                 and the table columns it lets the probe's head read, see --feature-columns)
 #   --state-dir   directory on this institution's disk for the privacy ledger and noise key;
 #                 one per SuperNode (a second SuperNode on the same directory is refused)
 #   --records     the record count this institution declares publicly (at least the usable
@@ -25,6 +27,9 @@
 #   --max-delta   the largest delta it accepts (default 1/(10 records))
 #   --name        its public name in the server's report (default: the node id)
 #   --text-column/--label-column  its columns (default text, label); a run cannot remap them
+#   --feature-columns  table columns of --data the linear probe's head may read besides the text
+#                 (comma-separated; default none). The default credit run reads the applicant's
+#                 columns (conf/data/credit.yaml): export_institutions.py prints the list.
 #   --allow-non-private  let a run with privacy off train on this data (off by default)
 #   --port        local port of this SuperNode's runtime API, on 127.0.0.1 (default 9094;
 #                 every SuperNode on one machine needs its own)
@@ -50,6 +55,7 @@ superlink="${SUPERLINK:-}"; ca="${CA_CERT:-}"; key="${KEY:-}"; data="${DATA_PATH
 state="${STATE_DIR:-}"; port="${PORT:-9094}"; epsilon="${EPSILON:-}"; batch="${BATCH_SIZE:-}"
 device="${DEVICE:-}"; records="${RECORDS:-}"; labels="${LABELS:-}"; max_delta="${MAX_DELTA:-}"
 name="${NAME:-}"; text_column=""; label_column=""; allow_non_private=0; insecure=0; keygen_only=0
+feature_columns="${FEATURE_COLUMNS:-}"
 # --- warm launcher and app check: settings ---
 read -r -a pins <<<"${PIN_APP_HASH:-}"; cold=0
 while [[ $# -gt 0 ]]; do
@@ -67,6 +73,7 @@ while [[ $# -gt 0 ]]; do
     --name) name="$2"; shift 2 ;;
     --text-column) text_column="$2"; shift 2 ;;
     --label-column) label_column="$2"; shift 2 ;;
+    --feature-columns) feature_columns="$2"; shift 2 ;;
     --allow-non-private) allow_non_private=1; shift ;;
     --batch-size) batch="$2"; shift 2 ;;
     --device) device="$2"; shift 2 ;;
@@ -114,6 +121,7 @@ node_config+=" records=$records epsilon=$epsilon"
 [[ -n "$name" ]] && node_config+=" name=$(toml_str "$name")"
 [[ -n "$text_column" ]] && node_config+=" text-column=$(toml_str "$text_column")"
 [[ -n "$label_column" ]] && node_config+=" label-column=$(toml_str "$label_column")"
+[[ -n "$feature_columns" ]] && node_config+=" feature-columns=$(toml_str "$feature_columns")"
 [[ $allow_non_private == 1 ]] && node_config+=" allow-non-private=true"
 [[ -n "$batch" ]] && node_config+=" batch-size=$batch"
 [[ -n "$device" ]] && node_config+=" device=$(toml_str "$device")"
@@ -126,7 +134,8 @@ export PATH="$bin:$PATH"  # the SuperExec / ClientApp processes it starts come f
 
 # The institution checks its own file first: problems show here, with the fix, before joining.
 "$bin/python" -m fed_dp_lora.preflight --data "$data" --records "$records" --labels "$labels" \
-  ${text_column:+--text-column "$text_column"} ${label_column:+--label-column "$label_column"} >&2 \
+  ${text_column:+--text-column "$text_column"} ${label_column:+--label-column "$label_column"} \
+  ${feature_columns:+--feature-columns "$feature_columns"} >&2 \
   || die "the data file is not ready (see above); nothing was started"
 
 # One SuperNode per state dir: two would share a noise key and a kept update. The lock is held

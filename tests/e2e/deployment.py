@@ -47,6 +47,8 @@ from tests.e2e.runtime import SuperLink, _bin, free_port, runtime_env
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPTS = REPO / "scripts" / "deploy"
+# conf/data/credit.yaml's data.columns: what the default run's head reads besides the text.
+CREDIT_COLUMNS = "Seniority,Time,Age,Expenses,Income,Assets,Debt,Amount,Price,Home,Marital,Records,Job"
 
 
 @dataclass(frozen=True)
@@ -264,6 +266,7 @@ def start_supernode(
     records: int = 2000,
     labels: str | None = "good,bad",
     name: str | None = None,
+    feature_columns: str | None = CREDIT_COLUMNS,
     batch_size: int | None = None,
     device: str | None = None,
     insecure: bool = False,
@@ -273,7 +276,8 @@ def start_supernode(
     """scripts/deploy/supernode.sh against 127.0.0.1:superlink_port; waits for its node id.
 
     `epsilon` is the institution's lifetime budget and `records` the count it declares publicly
-    (at least its file's records): both required by supernode.sh.
+    (at least its file's records): both required by supernode.sh. `feature_columns` are the
+    table columns it lets the probe's head read (default: those the default credit run reads).
 
     `flwr_home` is this SuperNode's own (apps it is sent, log `supernode.log`); `key` its
     registered private key (see :func:`make_key`, :func:`register`); `extra` more supernode.sh
@@ -294,7 +298,7 @@ def start_supernode(
             raise FileNotFoundError(f"{key}: make and register it first (make_key, register)")
         command += ["--ca", str(ca), "--key", str(key)]
     for flag, value in (("--epsilon", epsilon), ("--records", records), ("--labels", labels), ("--name", name),
-                        ("--batch-size", batch_size), ("--device", device)):
+                        ("--feature-columns", feature_columns), ("--batch-size", batch_size), ("--device", device)):
         if value is not None:
             command += [flag, str(value)]
     command += list(extra)

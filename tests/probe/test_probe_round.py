@@ -108,10 +108,13 @@ def test_features_and_the_mean_stay_in_the_state_dir_and_only_the_head_is_sent(t
     from fed_dp_lora.node_policy import apply_node_config as apply
 
     cfg, policy = apply(load_config(run_config(PROBE)), institution_config(csv, tmp_path / "state", records=RECORDS))
-    features = cached_features(model, client_data(cfg, policy).encoded, tmp_path / "state")
+    data = client_data(cfg, policy).encoded
+    features = model.joined(cached_features(model, data, tmp_path / "state"), data.columns)
     kept = torch.load(next((tmp_path / "state").glob("feature-mean-*.pt")), weights_only=True)["mean"]
-    clipped = features * (4.5 / features.norm(dim=1, keepdim=True)).clamp(max=1.0)
-    gap = (kept - clipped.sum(0) / RECORDS) * RECORDS / (CENTRE_SIGMA * 4.5)
+    text, columns = features.split([384, features.shape[1] - 384], dim=1)  # credit's head reads both
+    clipped = torch.cat([text * (4.5 / text.norm(dim=1, keepdim=True)).clamp(max=1.0),
+                         columns * (4.0 / columns.norm(dim=1, keepdim=True)).clamp(max=1.0)], dim=1)
+    gap = (kept - clipped.sum(0) / RECORDS) * RECORDS / (CENTRE_SIGMA * (4.5**2 + 4.0**2) ** 0.5)
     assert 0.7 < float(gap.std()) < 1.3, "the kept mean is not the Gaussian-mechanism release"
 
 
@@ -125,12 +128,18 @@ def test_the_head_trains_on_centred_features_so_a_common_offset_changes_nothing(
     cfg = load_config(run_config(overrides))
     node = {"partition-id": 0, "num-partitions": 20}
     real = client_round.client_features
-    offset = torch.randn(384) * 5
     heads, state = {}, global_adapter(overrides)
+    width = state["classifier.weight"].shape[1]  # the text's features and credit's columns
+    offset = torch.randn(width) * 5
+    seen = []
     for shift in (0.0, 1.0):
-        monkeypatch.setattr(client_round, "client_features", lambda *a, s=shift: real(*a) + s * offset)
+        monkeypatch.setattr(client_round, "client_features",
+                            lambda *a, s=shift: seen.append(real(*a)) or seen[-1] + s * offset)
         heads[shift] = train_round(cfg, node, RoundRequest(state), None).state
-    x = torch.randn(50, 384)
+    # The client's own records: a column constant over them (a missing flag never set) is centred to
+    # exactly zero unshifted but to rounding error shifted, which Adam's per-coordinate scaling
+    # turns into steps; on the records that column is constant, so their logits must still agree.
+    x = seen[0]
     logits = {s: x @ h["classifier.weight"].T + h["classifier.bias"] for s, h in heads.items()}
     shifted = (x + offset) @ heads[1.0]["classifier.weight"].T + heads[1.0]["classifier.bias"]
     assert torch.allclose(logits[0.0], shifted, atol=1e-3)
