@@ -5,6 +5,8 @@ Grid (docs/results.md): task in {credit, reviews} x epsilon in {1, 4, 8, off} x 
   federated   3 institutions, the default recipe (DP linear probe)
   centralized one institution holding all the training records, the same recipe
   skew        3 institutions, Dirichlet(0.5) label skew
+  textonly    the federated default with the head on the text's features alone (credit: without
+              the applicant's table columns, data.columns), to show what the columns add
   lora        recipe=lora, vanilla and FFA (--lora-epsilons; slow: the encoder trains)
 and beside them the non-private baselines on the same split (scripts/sweep_baselines.py). Each
 row records the epsilon measured by the clients' ledgers, not the target. Rows go to results.csv
@@ -36,7 +38,10 @@ ROOT = Path(__file__).resolve().parent.parent
 # Every cell starts from the defaults; these only let a one-institution cell run.
 BASE = "strategy.min_available_clients=1 strategy.min_train_clients=1"
 FEDERATED_CLIENTS = 3
-GROUPS = ("federated", "centralized", "skew", "lora", "baseline")
+GROUPS = ("federated", "centralized", "skew", "textonly", "lora", "baseline")
+# The default run with its head on the text's features alone (data sources that declare data.columns).
+TEXT_ONLY = "data.columns.numeric=[] data.columns.categorical=[]"
+TABLE_TASKS = ("credit",)
 FIELDS = ["group", "task", "clients", "target_epsilon", "recipe", "lora", "partitioner", "alpha", "seed",
           "epsilon_measured", "balanced_accuracy", "accuracy", "macro_f1", "auc", "seconds"]
 KEY = ("group", "task", "target_epsilon", "recipe", "lora", "alpha", "seed")
@@ -56,6 +61,8 @@ def cells(args: argparse.Namespace) -> list[dict]:
         for seed in range(args.seeds):
             for eps in args.epsilons:
                 out += [_cell(g, task, eps, seed) for g in ("federated", "centralized") if g in args.groups]
+                if "textonly" in args.groups and task in TABLE_TASKS:
+                    out.append(_cell("textonly", task, eps, seed))
             if "skew" in args.groups:
                 out += [_cell("skew", task, eps, seed, partitioner="dirichlet", alpha="0.5")
                         for eps in args.skew_epsilons]
@@ -79,6 +86,8 @@ def overrides(cell: dict, base: str) -> str:
     if cell["recipe"] == "lora":
         parts += ["recipe=lora", f"lora={cell['lora']}"]
     parts.append("privacy=none" if cell["target_epsilon"] == "off" else f"privacy.epsilon={cell['target_epsilon']}")
+    if cell["group"] == "textonly":
+        parts.append(TEXT_ONLY)
     if cell["partitioner"] == "dirichlet":
         parts += ["data.partitioner=dirichlet", f"data.dirichlet_alpha={cell['alpha']}"]
     return " ".join(parts)
@@ -152,7 +161,7 @@ def main() -> None:
     parser.add_argument("--tasks", nargs="+", default=["credit", "reviews"])
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--epsilons", nargs="+", default=["1", "4", "8", "off"])
-    parser.add_argument("--skew-epsilons", nargs="*", default=["8", "off"])
+    parser.add_argument("--skew-epsilons", nargs="*", default=["1", "4", "8", "off"])
     parser.add_argument("--groups", nargs="+", default=list(GROUPS), choices=GROUPS)
     parser.add_argument("--lora-epsilons", nargs="*", default=["8", "off"])
     parser.add_argument("--lora-seeds", type=int, default=1)

@@ -45,6 +45,7 @@ def _fmt(entry: dict | None) -> str:
 ROWS = [("federated", "linear-probe", "", "federated, 3 clients (the default run)"),
         ("centralized", "linear-probe", "", "centralized, 1 client, same recipe"),
         ("skew", "linear-probe", "", "federated, Dirichlet(0.5) label skew"),
+        ("textonly", "linear-probe", "", "federated, the text's features only (no table columns)"),
         ("lora", "lora", "vanilla", "federated, recipe=lora (vanilla LoRA r=8)"),
         ("lora", "lora", "ffa", "federated, recipe=lora (FFA-LoRA r=8)")]
 
@@ -55,6 +56,8 @@ def task_table(agg: dict[tuple, dict], task: str) -> list[str]:
              "|---|" + "---|" * len(epsilons)]
     for group, recipe, lora, label in ROWS:
         cells_md = [_fmt(agg.get((group, task, e, recipe, lora))) for e in epsilons]
+        if group == "textonly" and set(cells_md) == {"–"}:
+            continue  # a source without table columns: its default run is text only
         lines.append(f"| {label} | " + " | ".join(cells_md) + " |")
     for (group, t, eps, recipe, name), entry in sorted(agg.items()):
         if group == "baseline" and t == task:
@@ -98,6 +101,11 @@ def verdicts(agg: dict[tuple, dict], task: str) -> list[str]:
             d_ba, d_auc = diff(lora, ours["8"])
             out.append(f"- {task}, recipe=lora ({mode}) at ε = 8 against the default recipe: balanced accuracy "
                        f"{d_ba:+.1f} points, AUC {d_auc:+.1f} points ({lora['seeds']} seed(s)).")
+    text = agg.get(("textonly", task, "8", "linear-probe", ""))
+    if text and ours["8"]:
+        d_ba, d_auc = diff(ours["8"], text)
+        out.append(f"- {task}, what the table columns add to the text's features at ε = 8: balanced accuracy "
+                   f"{d_ba:+.1f} points, AUC {d_auc:+.1f} points.")
     skew = agg.get(("skew", task, "8", "linear-probe", ""))
     if skew and ours["8"]:
         d_ba, d_auc = diff(skew, ours["8"])
@@ -159,7 +167,7 @@ def body(rows: list[dict], args: argparse.Namespace, missing: list[str]) -> str:
     if missing:
         lines += ["", "Not run yet (the sweep resumes them): " + "; ".join(missing) + "."]
     lines += ["", "Not in this grid: the `dp-lora` package at the same ε (issue 13 asks for it beside each cell), "
-                  "label skew at ε = 1 and 4, and more than one seed for the LoRA rows (each LoRA run trains "
+                  "and more than one seed for the LoRA rows (each LoRA run trains "
                   "the encoder: about half an hour per cell on this machine)."]
     lines += ["", "![balanced accuracy and AUC against epsilon](../results/sweep/privacy_utility.png)"]
     return "\n".join(lines)
