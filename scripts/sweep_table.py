@@ -5,6 +5,7 @@ each baseline, what the grid still misses, and a plot. Written into docs/results
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import math
 from pathlib import Path
@@ -34,12 +35,30 @@ def aggregate(rows: list[dict]) -> dict[tuple, dict]:
     return out
 
 
-def _fmt(entry: dict | None) -> str:
+def _fmt(entry: dict | None, measured: bool = False) -> str:
+    """`measured`: add the largest epsilon the row's own accountant reported (the peer's)."""
     if entry is None:
         return "–"
     (ba, ba_sd), (auc, auc_sd) = entry["balanced_accuracy"], entry["auc"]
     seeds = "" if entry["seeds"] == 3 else f" ({entry['seeds']} seed{'s' if entry['seeds'] > 1 else ''})"
-    return f"{ba:.3f} ± {ba_sd:.3f} / {auc:.3f} ± {auc_sd:.3f}{seeds}"
+    eps = f"; measured ε {entry['eps']:.2f}" if measured and entry["eps"] is not None else ""
+    return f"{ba:.3f} ± {ba_sd:.3f} / {auc:.3f} ± {auc_sd:.3f}{seeds}{eps}"
+
+
+PEER = ("peer", "dp-lora", "", "peer: dp-lora 0.1.0 (centralized DP LoRA, its documented recipe)")
+
+
+def peer_key(task: str, eps: str) -> tuple:
+    return (PEER[0], task, eps, PEER[1], PEER[2])
+
+
+def peer_rows(out: Path) -> list[dict]:
+    """The `dp` rows of scripts/sweep_peer.py (out/peer.csv) in results.csv's shape; its
+    `as-shipped` rows are not differentially private and stay out of the table."""
+    path = out / "peer.csv"
+    if not path.exists():
+        return []
+    return [{**r, "recipe": "dp-lora", "lora": ""} for r in csv.DictReader(path.open()) if r["variant"] == "dp"]
 
 
 ROWS = [("federated", "linear-probe", "", "federated, 3 clients (the default run)"),
@@ -59,11 +78,15 @@ def task_table(agg: dict[tuple, dict], task: str) -> list[str]:
         if group == "textonly" and set(cells_md) == {"–"}:
             continue  # a source without table columns: its default run is text only
         lines.append(f"| {label} | " + " | ".join(cells_md) + " |")
-    for (group, t, eps, recipe, name), entry in sorted(agg.items()):
+    if any(g == PEER[0] and t == task for g, t, *_ in agg):
+        label = PEER[3]
+        cells_md = [_fmt(agg.get(peer_key(task, e)), measured=True) for e in epsilons[:-1]]
+        lines.append(f"| {label} | " + " | ".join(cells_md) + " | – |")
+    for (group, t, _, _, name), entry in sorted(agg.items()):
         if group == "baseline" and t == task:
             lines.append(f"| baseline (no DP, centralized): {name} | " + " | ".join(["" for _ in epsilons[:-1]])
                          + f" | {_fmt(entry)} |")
-    measured = [e["eps"] for (g, t, *_), e in agg.items() if t == task and e["eps"] is not None]
+    measured = [e["eps"] for (g, t, *_), e in agg.items() if t == task and g != PEER[0] and e["eps"] is not None]
     if measured:
         lines += ["", f"Largest epsilon any client's ledger reported in these cells: {max(measured):.3f} "
                       "(each client's budget is the column's ε; the feature-mean release is included)."]
@@ -114,6 +137,43 @@ def verdicts(agg: dict[tuple, dict], task: str) -> list[str]:
     return out
 
 
+def _verdict(d_ba: float, d_auc: float) -> str:
+    wins = [m for m, d in (("balanced accuracy", d_ba), ("AUC", d_auc)) if d > 0]
+    losses = [m for m, d in (("balanced accuracy", d_ba), ("AUC", d_auc)) if d < 0]
+    if not losses:
+        return "we win on both" if len(wins) == 2 else "we match or beat it"
+    if not wins:
+        return f"we lose on {' and '.join(losses)}"
+    return f"we win on {wins[0]} and lose on {losses[0]}"
+
+
+def peer_verdicts(agg: dict[tuple, dict], task: str) -> list[str]:
+    """Our federated default against the dp-lora peer at each epsilon (ours minus theirs, points)."""
+    out = []
+    for eps in ("1", "4", "8"):
+        ours, peer = agg.get(("federated", task, eps, "linear-probe", "")), agg.get(peer_key(task, eps))
+        if ours is None or peer is None:
+            continue
+        d_ba, d_auc = ((ours[m][0] - peer[m][0]) * 100 for m in ("balanced_accuracy", "auc"))
+        seeds = "" if peer["seeds"] == 3 else f" ({peer['seeds']} peer seed{'s' if peer['seeds'] > 1 else ''})"
+        out.append(f"- {task}, ε = {eps}, our federated default against dp-lora trained centrally on the same records"
+                   f"{seeds}: balanced accuracy {d_ba:+.1f} points, AUC {d_auc:+.1f} points: {_verdict(d_ba, d_auc)}.")
+    return out
+
+
+PEER_NOTE = (
+    "The peer row (`scripts/sweep_peer.py`, `results/sweep/peer.csv`): one party holding all the cell's training "
+    "records (dp-lora has no federation), trained with the recipe of dp-lora's README and example (LoRA r = 8, "
+    "α = 16 on query/value, vanilla, AdamW lr 5e-4, 3 epochs, Poisson batches of 256 in micro-batches of 32, "
+    "max_grad_norm 1.0, noise from its own calibration), with no class weights (ours weight the classes by their "
+    "published balance), at our centralized cell's δ = 1/(10 N); \"measured ε\" is the largest its own accountant "
+    "reported after training. It is called so that its guarantee covers everything that trains: the head stays at "
+    "its seeded random initialization and the gradient it clips is each record's own. Its shipped example trains "
+    "the head on raw gradients and clips gradients scaled by the micro-batch size "
+    "(`results/sweep/peer-findings.txt`, from `scripts/peer_findings.py`)."
+)
+
+
 TARGETS = [  # issue 13, "Done means": (task, epsilon, metric, threshold, what)
     ("credit", "8", "balanced_accuracy", 0.72, "credit ε = 8 balanced accuracy >= 0.72"),
     ("credit", "8", "auc", 0.80, "credit ε = 8 AUC >= 0.80"),
@@ -141,6 +201,8 @@ def targets(agg: dict[tuple, dict]) -> list[str]:
 
 
 def body(rows: list[dict], args: argparse.Namespace, missing: list[str]) -> str:
+    peers = peer_rows(args.out)
+    rows = rows + peers
     agg = aggregate(rows)
     tasks = [t for t in ("credit", "reviews") if any(r["task"] == t for r in rows)]
     lines = ["Hyperparameters (recipe, learning rates, clip norms, epochs, centring noise, sequence lengths, "
@@ -153,9 +215,11 @@ def body(rows: list[dict], args: argparse.Namespace, missing: list[str]) -> str:
              "the reviews split is the publisher's. – : not in the grid, or not run yet (listed at the end).", ""]
     for task in tasks:
         lines += [f"### {TITLES.get(task, task)}", ""] + task_table(agg, task) + [""]
+    if peers:
+        lines += [PEER_NOTE, ""]
     lines += ["### Where we stand", ""]
     for task in tasks:
-        lines += verdicts(agg, task)
+        lines += verdicts(agg, task) + peer_verdicts(agg, task)
     lines += ["", "Against the bars of issue 13 (federated default run, mean of 3 seeds):", ""] + targets(agg)
     timing = args.out / "default-run.json"
     if timing.exists():
@@ -166,8 +230,8 @@ def body(rows: list[dict], args: argparse.Namespace, missing: list[str]) -> str:
                       "cache holds the records."]
     if missing:
         lines += ["", "Not run yet (the sweep resumes them): " + "; ".join(missing) + "."]
-    lines += ["", "Not in this grid: the `dp-lora` package at the same ε (issue 13 asks for it beside each cell), "
-                  "and more than one seed for the LoRA rows (each LoRA run trains "
+    peer = "" if peers else "the `dp-lora` package at the same ε (issue 13 asks for it beside each cell), and "
+    lines += ["", f"Not in this grid: {peer}more than one seed for the LoRA rows (each LoRA run trains "
                   "the encoder: about half an hour per cell on this machine)."]
     lines += ["", "![balanced accuracy and AUC against epsilon](../results/sweep/privacy_utility.png)"]
     return "\n".join(lines)
@@ -194,7 +258,7 @@ def plot(rows: list[dict], path: Path, tasks: list[str]) -> None:
     for col, task in enumerate(tasks):
         for row, metric in enumerate(("balanced_accuracy", "auc")):
             ax = axes[row][col]
-            for group, recipe, lora, label in ROWS:
+            for group, recipe, lora, label in [*ROWS, PEER]:
                 points = [(i, agg[(group, task, e, recipe, lora)][metric]) for i, e in enumerate(epsilons)
                           if (group, task, e, recipe, lora) in agg]
                 if points:
@@ -219,6 +283,7 @@ def write_results(rows: list[dict], args: argparse.Namespace, grid: argparse.Nam
     done = {cell_key(r) for r in rows}
     missing = [f"{c['group']} {c['task']} {c['recipe']} {c['lora']} ε={c['target_epsilon']} seed {c['seed']}"
                .replace("  ", " ") for c in cells(grid) if cell_key(c) not in done]
-    plot(rows, args.out / "privacy_utility.png", [t for t in ("credit", "reviews") if any(r["task"] == t for r in rows)])
+    plot(rows + peer_rows(args.out), args.out / "privacy_utility.png",
+         [t for t in ("credit", "reviews") if any(r["task"] == t for r in rows)])
     write_section(args.docs, body(rows, args, missing))
     print(f"{args.docs} rewritten from {len(rows)} rows; {len(missing)} cells missing")

@@ -81,3 +81,59 @@ def test_the_table_cells_and_verdicts(sweep, tmp_path):
     assert "Not run yet" in text and "reviews" in text.split("Not run yet")[1]
     assert "chosen on validation splits" in text
     assert (tmp_path / "privacy_utility.png").stat().st_size > 10_000
+
+
+def _peer(eps, seed, bal, task="credit", variant="dp", measured=None):
+    return dict(group="peer", task=task, target_epsilon=eps, variant=variant, seed=seed, records=100, max_length=64,
+                delta="0.001", noise_multiplier="1.0", steps=39, epsilon_measured=f"{measured or float(eps):.4f}",
+                balanced_accuracy=str(bal), accuracy="0.7", macro_f1="0.6", auc=str(bal + 0.1), seconds="1")
+
+
+def _write_peer(path: Path, rows: list[dict]) -> None:
+    import csv
+
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def test_the_peer_row_and_its_verdicts(sweep, tmp_path):
+    _, table = sweep
+    rows = [_row("8", 0, 0.60), _row("8", 1, 0.64), _row("1", 0, 0.50), _row("4", 0, 0.55)]
+    # The as-shipped row (not DP) must not reach the table; a missing peer epsilon gives no verdict.
+    _write_peer(tmp_path / "peer.csv", [_peer("8", 0, 0.50, measured=8.3327), _peer("8", 1, 0.54, measured=8.31),
+                                        _peer("1", 0, 0.55), _peer("8", 0, 0.99, variant="as-shipped")])
+    a = args(out=tmp_path, docs=tmp_path / "r.md")
+    table.write_results(rows, a, a)
+    text = (tmp_path / "r.md").read_text()
+    peer_line = next(line for line in text.splitlines() if line.startswith("| peer: dp-lora 0.1.0"))
+    # ε = 1 one seed, ε = 4 not run, ε = 8 two seeds (mean 0.52, sd 0.028), the largest measured epsilon
+    assert peer_line == ("| peer: dp-lora 0.1.0 (centralized DP LoRA, its documented recipe) | 0.550 ± 0.000 / 0.650 ± "
+                         "0.000 (1 seed); measured ε 1.00 | – | 0.520 ± 0.028 / 0.620 ± 0.028 (2 seeds); measured ε "
+                         "8.33 | – |")
+    assert ("- credit, ε = 8, our federated default against dp-lora trained centrally on the same records "
+            "(2 peer seeds): balanced accuracy +10.0 points, AUC +10.0 points: we win on both.") in text
+    assert ("- credit, ε = 1, our federated default against dp-lora trained centrally on the same records "
+            "(1 peer seed): balanced accuracy -5.0 points, AUC -5.0 points: we lose on balanced accuracy and AUC."
+            ) in text
+    assert "ε = 4, our federated default against dp-lora" not in text
+    # the peer's epsilon is its own accountant's, not a client's ledger
+    assert "Largest epsilon any client's ledger reported in these cells: 8.000" in text
+    assert "Not in this grid: more than one seed" in text and "`dp-lora` package at the same ε" not in text
+    assert "The peer row (`scripts/sweep_peer.py`" in text
+
+
+def test_without_peer_rows_the_page_says_the_peer_is_missing(sweep, tmp_path):
+    _, table = sweep
+    a = args(out=tmp_path, docs=tmp_path / "r.md")
+    table.write_results([_row("8", 0, 0.60)], a, a)
+    text = (tmp_path / "r.md").read_text()
+    assert "Not in this grid: the `dp-lora` package at the same ε" in text and "| peer: dp-lora" not in text
+
+
+def test_mixed_verdicts_say_which_metric_wins(sweep):
+    _, table = sweep
+    assert table._verdict(1.0, -0.5) == "we win on balanced accuracy and lose on AUC"
+    assert table._verdict(-1.0, 0.5) == "we win on AUC and lose on balanced accuracy"
+    assert table._verdict(0.0, 0.0) == "we match or beat it"
