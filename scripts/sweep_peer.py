@@ -26,6 +26,8 @@ Two variants (`variant` column):
               gradients; model(**batch).loss, a mean): NOT differentially private, measured only
               to show what the example's recipe gives (scripts/peer_findings.py shows why).
 
+Needs the bench extra (pyproject.toml), never the main install.
+
     .venv/bin/python scripts/sweep_peer.py --seeds 0             # the six seed-0 cells
     .venv/bin/python scripts/sweep_peer.py --seeds 1 2           # more seeds; done cells are skipped
 """
