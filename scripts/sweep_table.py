@@ -155,9 +155,11 @@ def peer_verdicts(agg: dict[tuple, dict], task: str) -> list[str]:
         if ours is None or peer is None:
             continue
         d_ba, d_auc = ((ours[m][0] - peer[m][0]) * 100 for m in ("balanced_accuracy", "auc"))
-        seeds = "" if peer["seeds"] == 3 else f" ({peer['seeds']} peer seed{'s' if peer['seeds'] > 1 else ''})"
-        out.append(f"- {task}, ε = {eps}, our federated default against dp-lora trained centrally on the same records"
-                   f"{seeds}: balanced accuracy {d_ba:+.1f} points, AUC {d_auc:+.1f} points: {_verdict(d_ba, d_auc)}.")
+        seeds = f"{peer['seeds']} peer seed{'s' if peer['seeds'] > 1 else ''}, " if peer["seeds"] != 3 else ""
+        spent = f"its accountant's ε {peer['eps']:.2f}, our ledgers' at most {ours['eps']:.2f}"
+        out.append(f"- {task}, ε = {eps}, our federated default against dp-lora trained centrally on the same records "
+                   f"({seeds}{spent}): balanced accuracy {d_ba:+.1f} points, AUC {d_auc:+.1f} points: "
+                   f"{_verdict(d_ba, d_auc)}.")
     return out
 
 

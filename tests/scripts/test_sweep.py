@@ -113,9 +113,11 @@ def test_the_peer_row_and_its_verdicts(sweep, tmp_path):
                          "0.000 (1 seed); measured ε 1.00 | – | 0.520 ± 0.028 / 0.620 ± 0.028 (2 seeds); measured ε "
                          "8.33 | – |")
     assert ("- credit, ε = 8, our federated default against dp-lora trained centrally on the same records "
-            "(2 peer seeds): balanced accuracy +10.0 points, AUC +10.0 points: we win on both.") in text
+            "(2 peer seeds, its accountant's ε 8.33, our ledgers' at most 8.00): balanced accuracy +10.0 points, "
+            "AUC +10.0 points: we win on both.") in text
     assert ("- credit, ε = 1, our federated default against dp-lora trained centrally on the same records "
-            "(1 peer seed): balanced accuracy -5.0 points, AUC -5.0 points: we lose on balanced accuracy and AUC."
+            "(1 peer seed, its accountant's ε 1.00, our ledgers' at most 1.00): balanced accuracy -5.0 points, "
+            "AUC -5.0 points: we lose on balanced accuracy and AUC."
             ) in text
     assert "ε = 4, our federated default against dp-lora" not in text
     # the peer's epsilon is its own accountant's, not a client's ledger
