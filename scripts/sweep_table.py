@@ -260,12 +260,12 @@ def plot(rows: list[dict], path: Path, tasks: list[str]) -> None:
     for col, task in enumerate(tasks):
         for row, metric in enumerate(("balanced_accuracy", "auc")):
             ax = axes[row][col]
-            for group, recipe, lora, label in [*ROWS, PEER]:
+            for n, (group, recipe, lora, label) in enumerate([*ROWS, PEER]):  # one colour per setting everywhere
                 points = [(i, agg[(group, task, e, recipe, lora)][metric]) for i, e in enumerate(epsilons)
                           if (group, task, e, recipe, lora) in agg]
                 if points:
                     ax.errorbar([p[0] for p in points], [p[1][0] for p in points], yerr=[p[1][1] for p in points],
-                                marker="o", capsize=3, label=label)
+                                marker="o", capsize=3, label=label, color=f"C{n}")
             for (g, t, _, _, name), entry in agg.items():
                 if g == "baseline" and t == task:
                     ax.axhline(entry[metric][0], linestyle=":", linewidth=1, label=f"{name} (no DP)")
