@@ -100,7 +100,8 @@ def _write_peer(path: Path, rows: list[dict]) -> None:
 
 def test_the_peer_row_and_its_verdicts(sweep, tmp_path):
     _, table = sweep
-    rows = [_row("8", 0, 0.60), _row("8", 1, 0.64), _row("1", 0, 0.50), _row("4", 0, 0.55)]
+    rows = [_row("8", 0, 0.60), _row("8", 1, 0.64), _row("1", 0, 0.50), _row("4", 0, 0.55),
+            _row("8", 0, 0.55, group="textonly")]
     # The as-shipped row (not DP) must not reach the table; a missing peer epsilon gives no verdict.
     _write_peer(tmp_path / "peer.csv", [_peer("8", 0, 0.50, measured=8.3327), _peer("8", 1, 0.54, measured=8.31),
                                         _peer("1", 0, 0.55), _peer("8", 0, 0.99, variant="as-shipped")])
@@ -119,6 +120,9 @@ def test_the_peer_row_and_its_verdicts(sweep, tmp_path):
             "(1 peer seed, its accountant's ε 1.00, our ledgers' at most 1.00): balanced accuracy -5.0 points, "
             "AUC -5.0 points: we lose on balanced accuracy and AUC."
             ) in text
+    assert ("- credit, ε = 8, our text-only federated run against dp-lora trained centrally on the same records "
+            "(2 peer seeds, its accountant's ε 8.33, our ledgers' at most 8.00): balanced accuracy +3.0 points, "
+            "AUC +3.0 points: we win on both.") in text
     assert "ε = 4, our federated default against dp-lora" not in text
     # the peer's epsilon is its own accountant's, not a client's ledger
     assert "Largest epsilon any client's ledger reported in these cells: 8.000" in text
@@ -138,4 +142,4 @@ def test_mixed_verdicts_say_which_metric_wins(sweep):
     _, table = sweep
     assert table._verdict(1.0, -0.5) == "we win on balanced accuracy and lose on AUC"
     assert table._verdict(-1.0, 0.5) == "we win on AUC and lose on balanced accuracy"
-    assert table._verdict(0.0, 0.0) == "we match or beat it"
+    assert table._verdict(0.04, -0.04) == "we match or beat it"  # both print as 0.0 points
