@@ -6,12 +6,17 @@ and plain `pytest` (everything: the packaged models, real training, the Flower r
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
-# Simulated clients keep their state under FED_DP_LORA_STATE; tests never touch ~/.local.
-os.environ.setdefault("FED_DP_LORA_STATE", tempfile.mkdtemp(prefix="fdl-test-state-"))
+# Simulated clients keep their state under FED_DP_LORA_STATE; tests never touch ~/.local. The
+# session that made the folder removes it (processes it starts inherit the variable).
+if "FED_DP_LORA_STATE" not in os.environ:
+    os.environ["FED_DP_LORA_STATE"] = tempfile.mkdtemp(prefix="fdl-test-state-")
+    atexit.register(shutil.rmtree, os.environ["FED_DP_LORA_STATE"], ignore_errors=True)
 os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
