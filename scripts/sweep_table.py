@@ -73,15 +73,11 @@ def task_table(agg: dict[tuple, dict], task: str) -> list[str]:
     epsilons = ["1", "4", "8", "off"]
     lines = ["| setting | " + " | ".join(f"ε = {e}" if e != "off" else "no DP" for e in epsilons) + " |",
              "|---|" + "---|" * len(epsilons)]
-    for group, recipe, lora, label in ROWS:
-        cells_md = [_fmt(agg.get((group, task, e, recipe, lora))) for e in epsilons]
-        if group == "textonly" and set(cells_md) == {"–"}:
-            continue  # a source without table columns: its default run is text only
+    for group, recipe, lora, label in [*ROWS, PEER]:
+        cells_md = [_fmt(agg.get((group, task, e, recipe, lora)), measured=group == PEER[0]) for e in epsilons]
+        if group in ("textonly", PEER[0]) and set(cells_md) == {"–"}:
+            continue  # a source without table columns (its default run is text only); the peer not run
         lines.append(f"| {label} | " + " | ".join(cells_md) + " |")
-    if any(g == PEER[0] and t == task for g, t, *_ in agg):
-        label = PEER[3]
-        cells_md = [_fmt(agg.get(peer_key(task, e)), measured=True) for e in epsilons[:-1]]
-        lines.append(f"| {label} | " + " | ".join(cells_md) + " | – |")
     for (group, t, _, _, name), entry in sorted(agg.items()):
         if group == "baseline" and t == task:
             lines.append(f"| baseline (no DP, centralized): {name} | " + " | ".join(["" for _ in epsilons[:-1]])
