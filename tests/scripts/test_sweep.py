@@ -152,3 +152,14 @@ def test_a_baseline_difference_that_prints_as_zero_is_no_loss(sweep):
     agg = {("federated", "credit", "8", "linear-probe", ""): ours, ("baseline", "credit", "off", "sklearn", "LR"): base}
     assert ("- credit, ε = 8, against the non-private LR: balanced accuracy -0.0 points, AUC +1.0 points: "
             "we match or beat it.") in table.verdicts(agg, "credit")
+
+
+def test_rows_are_appended_under_one_header(sweep, tmp_path):
+    import csv
+
+    module, _ = sweep
+    path = tmp_path / "results.csv"
+    module.append_rows(path, [{**_row("8", 0, 0.6), "extra": "dropped"}])
+    module.append_rows(path, [_row("8", 1, 0.64), _row("off", 0, 0.7)])
+    read = list(csv.DictReader(path.open()))
+    assert [r["seed"] for r in read] == ["0", "1", "0"] and list(read[0]) == module.FIELDS
