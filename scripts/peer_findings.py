@@ -54,10 +54,29 @@ def _take(batch: dict[str, torch.Tensor], index) -> dict[str, torch.Tensor]:
     return {k: v[index] for k, v in batch.items()}
 
 
+def _make_private(model, batch_size: int, noise_multiplier: float):
+    """dp-lora's engine and DP optimizer over `model` (vanilla, max_grad_norm C, one fixed batch of
+    `batch_size`, no Poisson sampling; SGD at lr 0: these measurements read gradients only)."""
+    from dp_lora import DPLoRAEngine
+
+    loader = torch.utils.data.DataLoader(range(batch_size), batch_size=batch_size)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0)
+    engine = DPLoRAEngine()
+    _, dp_optimizer, _ = engine.make_private(
+        model=model,
+        optimizer=optimizer,
+        data_loader=loader,
+        noise_multiplier=noise_multiplier,
+        max_grad_norm=C,
+        method="vanilla",
+        poisson_sampling=False,
+    )
+    return engine, dp_optimizer
+
+
 def head_is_not_private(batch: dict[str, torch.Tensor]) -> list[str]:
     """One DP step of dp-lora at noise multiplier 1e4 on the as-shipped model: the LoRA
     gradients are noise, the head's equals the noise-free batch gradient."""
-    from dp_lora import DPLoRAEngine
     from sweep_peer import peer_model
 
     model = peer_model(0, "as-shipped")
@@ -65,18 +84,7 @@ def head_is_not_private(batch: dict[str, torch.Tensor]) -> list[str]:
     model.zero_grad()
     model(**batch).loss.backward()
     raw = head.grad.clone()
-    loader = torch.utils.data.DataLoader(range(len(batch["labels"])), batch_size=len(batch["labels"]))
-    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0)
-    engine = DPLoRAEngine()
-    _, dp_optimizer, _ = engine.make_private(
-        model=model,
-        optimizer=optimizer,
-        data_loader=loader,
-        noise_multiplier=1e4,
-        max_grad_norm=C,
-        method="vanilla",
-        poisson_sampling=False,
-    )
+    engine, dp_optimizer = _make_private(model, len(batch["labels"]), 1e4)
     dp_optimizer.zero_grad()
     model(**batch).loss.backward()
     dp_optimizer.step(engine.grad_sample_module.get_per_sample_grads())
@@ -110,7 +118,6 @@ def _clipped_sum(model, engine, dp_optimizer, batch, loss: str) -> torch.Tensor:
 def _private_parts(head_std: float | None):
     """The dp-variant model with LoRA B ~ N(0, 0.02) (at B = 0 the A factors get no gradient) and,
     if `head_std`, a head of that scale (a head a user brings); dp-lora at noise 0."""
-    from dp_lora import DPLoRAEngine
     from sweep_peer import peer_model
 
     model = peer_model(0, "dp")
@@ -119,18 +126,7 @@ def _private_parts(head_std: float | None):
         for name, p in model.named_parameters():
             if "lora_B" in name or (head_std is not None and name.endswith("classifier.weight")):
                 p.normal_(0, 0.02 if "lora_B" in name else head_std, generator=generator)
-    loader = torch.utils.data.DataLoader(range(8), batch_size=8)
-    engine = DPLoRAEngine()
-    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0)
-    _, dp_optimizer, _ = engine.make_private(
-        model=model,
-        optimizer=optimizer,
-        data_loader=loader,
-        noise_multiplier=0.0,
-        max_grad_norm=C,
-        method="vanilla",
-        poisson_sampling=False,
-    )
+    engine, dp_optimizer = _make_private(model, 8, 0.0)
     return model, engine, dp_optimizer
 
 

@@ -146,13 +146,14 @@ def time_default(out: Path) -> None:
     print(json.dumps(record), flush=True)
 
 
-def _append(csv_path: Path, rows: list[dict]) -> None:
+def append_rows(csv_path: Path, rows: list[dict], fields: list[str] = FIELDS) -> None:
+    """Append `rows` (their `fields` columns) as each finishes, so a stopped sweep resumes."""
     new = not csv_path.exists()
     with csv_path.open("a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=FIELDS)
+        writer = csv.DictWriter(f, fieldnames=fields)
         if new:
             writer.writeheader()
-        writer.writerows({k: row[k] for k in FIELDS} for row in rows)
+        writer.writerows({k: row[k] for k in fields} for row in rows)
 
 
 def main() -> None:
@@ -193,7 +194,7 @@ def main() -> None:
         for i, future in enumerate(as_completed(futures), 1):
             cell, new_rows = futures[future], future.result()
             rows += new_rows
-            _append(csv_path, new_rows)
+            append_rows(csv_path, new_rows)
             elapsed = time.time() - started
             print(f"[{i}/{len(todo)}] {cell['group']} {cell['task']} {cell['recipe']} {cell['lora']} "
                   f"eps={cell['target_epsilon']} seed={cell['seed']}: bal_acc={new_rows[0]['balanced_accuracy']} "

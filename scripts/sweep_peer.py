@@ -220,16 +220,9 @@ def run_cell(task: str, eps: str, seed: int, variant: str) -> dict:
     }
 
 
-def append(csv_path: Path, row: dict) -> None:
-    new = not csv_path.exists()
-    with csv_path.open("a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=FIELDS)
-        if new:
-            writer.writeheader()
-        writer.writerow(row)
-
-
 def main() -> None:
+    from sweep import append_rows
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "sweep" / "peer.csv")
     parser.add_argument("--tasks", nargs="+", default=["credit", "reviews"], choices=["credit", "reviews"])
@@ -255,7 +248,7 @@ def main() -> None:
     print(f"peer: {len(todo)} cells to run, {len(done)} already in {args.out}", flush=True)
     for i, (task, eps, seed) in enumerate(todo, 1):
         row = run_cell(task, eps, seed, args.variant)
-        append(args.out, row)
+        append_rows(args.out, [row], FIELDS)
         print(
             f"[{i}/{len(todo)}] peer {task} eps={eps} seed={seed} {args.variant}: "
             f"bal_acc={row['balanced_accuracy']} auc={row['auc']} eps_measured={row['epsilon_measured']} "

@@ -73,15 +73,11 @@ def task_table(agg: dict[tuple, dict], task: str) -> list[str]:
     epsilons = ["1", "4", "8", "off"]
     lines = ["| setting | " + " | ".join(f"ε = {e}" if e != "off" else "no DP" for e in epsilons) + " |",
              "|---|" + "---|" * len(epsilons)]
-    for group, recipe, lora, label in ROWS:
-        cells_md = [_fmt(agg.get((group, task, e, recipe, lora))) for e in epsilons]
-        if group == "textonly" and set(cells_md) == {"–"}:
-            continue  # a source without table columns: its default run is text only
+    for group, recipe, lora, label in [*ROWS, PEER]:
+        cells_md = [_fmt(agg.get((group, task, e, recipe, lora)), measured=group == PEER[0]) for e in epsilons]
+        if group in ("textonly", PEER[0]) and set(cells_md) == {"–"}:
+            continue  # a source without table columns (its default run is text only); the peer not run
         lines.append(f"| {label} | " + " | ".join(cells_md) + " |")
-    if any(g == PEER[0] and t == task for g, t, *_ in agg):
-        label = PEER[3]
-        cells_md = [_fmt(agg.get(peer_key(task, e)), measured=True) for e in epsilons[:-1]]
-        lines.append(f"| {label} | " + " | ".join(cells_md) + " | – |")
     for (group, t, _, _, name), entry in sorted(agg.items()):
         if group == "baseline" and t == task:
             lines.append(f"| baseline (no DP, centralized): {name} | " + " | ".join(["" for _ in epsilons[:-1]])
@@ -93,54 +89,61 @@ def task_table(agg: dict[tuple, dict], task: str) -> list[str]:
     return lines
 
 
+def _diff(a: dict, b: dict) -> tuple[float, float]:
+    """a minus b, in points of balanced accuracy and AUC."""
+    return tuple((a[m][0] - b[m][0]) * 100 for m in ("balanced_accuracy", "auc"))  # type: ignore[return-value]
+
+
+def _shown(d_ba: float, d_auc: float) -> tuple[list[str], list[str]]:
+    """The metrics won and lost as the page prints the differences (0.1 points), so the words
+    match the numbers: a -0.04 prints as -0.0 and is no loss."""
+    shown = (("balanced accuracy", round(d_ba, 1)), ("AUC", round(d_auc, 1)))
+    return [m for m, d in shown if d > 0], [m for m, d in shown if d < 0]
+
+
 def verdicts(agg: dict[tuple, dict], task: str) -> list[str]:
     """Plain sentences: where the default run stands against each baseline, its own no-DP run and
     label skew (differences in points of balanced accuracy / AUC, ours minus theirs)."""
     out = []
     ours = {e: agg.get(("federated", task, e, "linear-probe", "")) for e in ("1", "4", "8", "off")}
     bases = {name: entry for (g, t, _, _, name), entry in agg.items() if g == "baseline" and t == task}
-
-    def diff(a: dict, b: dict) -> tuple[float, float]:
-        return tuple((a[m][0] - b[m][0]) * 100 for m in ("balanced_accuracy", "auc"))  # type: ignore[return-value]
-
     for eps in ("8", "off"):
         for name, base in sorted(bases.items()):
             if ours[eps] is None:
                 continue
-            d_ba, d_auc = diff(ours[eps], base)
-            lost = [m for m, d in (("balanced accuracy", d_ba), ("AUC", d_auc)) if d < 0]
+            d_ba, d_auc = _diff(ours[eps], base)
+            _, lost = _shown(d_ba, d_auc)
             verdict = f"we lose on {' and '.join(lost)}" if lost else "we match or beat it"
             label = f"ε = {eps}" if eps != "off" else "without DP"
             out.append(f"- {task}, {label}, against the non-private {name}: balanced accuracy {d_ba:+.1f} points, "
                        f"AUC {d_auc:+.1f} points: {verdict}.")
     for eps in ("8", "1"):
         if ours[eps] and ours["off"]:
-            d_ba, d_auc = diff(ours[eps], ours["off"])
+            d_ba, d_auc = _diff(ours[eps], ours["off"])
             out.append(f"- {task}, the price of ε = {eps} against our own non-private federated run: "
                        f"balanced accuracy {d_ba:+.1f} points, AUC {d_auc:+.1f} points.")
     for mode in ("vanilla", "ffa"):
         lora = agg.get(("lora", task, "8", "lora", mode))
         if lora and ours["8"]:
-            d_ba, d_auc = diff(lora, ours["8"])
+            d_ba, d_auc = _diff(lora, ours["8"])
             out.append(f"- {task}, recipe=lora ({mode}) at ε = 8 against the default recipe: balanced accuracy "
                        f"{d_ba:+.1f} points, AUC {d_auc:+.1f} points ({lora['seeds']} seed(s)).")
     text = agg.get(("textonly", task, "8", "linear-probe", ""))
     if text and ours["8"]:
-        d_ba, d_auc = diff(ours["8"], text)
+        d_ba, d_auc = _diff(ours["8"], text)
         out.append(f"- {task}, what the table columns add to the text's features at ε = 8: balanced accuracy "
                    f"{d_ba:+.1f} points, AUC {d_auc:+.1f} points.")
     skew = agg.get(("skew", task, "8", "linear-probe", ""))
     if skew and ours["8"]:
-        d_ba, d_auc = diff(skew, ours["8"])
+        d_ba, d_auc = _diff(skew, ours["8"])
         out.append(f"- {task}, label skew (Dirichlet 0.5) at ε = 8 against IID clients: balanced accuracy "
                    f"{d_ba:+.1f} points, AUC {d_auc:+.1f} points.")
     return out
 
 
 def _verdict(d_ba: float, d_auc: float) -> str:
-    """Win or lose as the page prints the differences (0.1 points), so the words match the numbers."""
-    shown = (("balanced accuracy", round(d_ba, 1)), ("AUC", round(d_auc, 1)))
-    wins, losses = [m for m, d in shown if d > 0], [m for m, d in shown if d < 0]
+    """Win or lose, metric by metric, as the page prints the differences."""
+    wins, losses = _shown(d_ba, d_auc)
     if not losses:
         return "we win on both" if len(wins) == 2 else "we match or beat it"
     if not wins:
@@ -158,7 +161,7 @@ def peer_verdicts(agg: dict[tuple, dict], task: str) -> list[str]:
             ours = agg.get((group, task, eps, "linear-probe", ""))
             if ours is None or peer is None:
                 continue
-            d_ba, d_auc = ((ours[m][0] - peer[m][0]) * 100 for m in ("balanced_accuracy", "auc"))
+            d_ba, d_auc = _diff(ours, peer)
             seeds = f"{peer['seeds']} peer seed{'s' if peer['seeds'] > 1 else ''}, " if peer["seeds"] != 3 else ""
             spent = f"its accountant's ε {peer['eps']:.2f}, our ledgers' at most {ours['eps']:.2f}"
             out.append(f"- {task}, ε = {eps}, {what} against dp-lora trained centrally on the same records "

@@ -67,14 +67,20 @@ class CheckedAggregation(FedAvg):
     def load_state_dict(self, state: dict) -> None:
         """Restore :meth:`state_dict` (nothing for stateless aggregators)."""
 
+    def online_nodes(self, grid: Grid) -> list[int]:
+        """The nodes online once min_available_nodes are, each named from the registry.
+
+        Flower's FedAvg sizes its sample from the nodes online before it waits for
+        min_available_nodes, so a node that (re)connects during that wait would be left out even
+        at fraction_train=1, and named by its id: wait first (Flower's own wait), then name."""
+        _, nodes = sample_nodes(grid, self.min_available_nodes, 0)
+        self.names.refresh(grid)
+        return nodes
+
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        # Flower's FedAvg sizes its sample from the nodes online before it waits for
-        # min_available_nodes, so a node that (re)connects during that wait is left out even at
-        # fraction_train=1: wait first (Flower's own wait), then let it sample.
-        sample_nodes(grid, self.min_available_nodes, 0)
-        self.names.refresh(grid)
+        self.online_nodes(grid)
         messages = list(super().configure_train(server_round, arrays, config, grid))
         self._sent = (arrays, len(messages))
         self._outgoing = messages

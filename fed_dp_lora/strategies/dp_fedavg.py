@@ -40,7 +40,6 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from fed_dp_lora.config import ConfigError
-from fed_dp_lora.flower_internals import sample_nodes
 from fed_dp_lora.privacy.accountant import ACCOUNTANT_NAMES, PrivacyLedger, calibrate_noise
 from fed_dp_lora.privacy.user_level import USER_PRIVACY_UNIT, adaptive_noise_multiplier, clip_update
 from fed_dp_lora.strategies.averaging import CheckedAggregation
@@ -300,8 +299,7 @@ class AdapterDPFedAvg(CheckedAggregation, FedAvg):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        self.names.refresh(grid)
-        _, nodes = sample_nodes(grid, self.min_available_nodes, 0)
+        nodes = self.online_nodes(grid)
         self.dp.plan(len(nodes))
         self._sent = (arrays, 0)
         self._skip_reason = self.dp.budget_problem()

@@ -143,3 +143,23 @@ def test_mixed_verdicts_say_which_metric_wins(sweep):
     assert table._verdict(1.0, -0.5) == "we win on balanced accuracy and lose on AUC"
     assert table._verdict(-1.0, 0.5) == "we win on AUC and lose on balanced accuracy"
     assert table._verdict(0.04, -0.04) == "we match or beat it"  # both print as 0.0 points
+
+
+def test_a_baseline_difference_that_prints_as_zero_is_no_loss(sweep):
+    _, table = sweep
+    ours = {"balanced_accuracy": (0.7496, 0.0), "auc": (0.80, 0.0), "seeds": 3, "eps": 8.0}
+    base = {"balanced_accuracy": (0.75, 0.0), "auc": (0.79, 0.0), "seeds": 3, "eps": None}
+    agg = {("federated", "credit", "8", "linear-probe", ""): ours, ("baseline", "credit", "off", "sklearn", "LR"): base}
+    assert ("- credit, ε = 8, against the non-private LR: balanced accuracy -0.0 points, AUC +1.0 points: "
+            "we match or beat it.") in table.verdicts(agg, "credit")
+
+
+def test_rows_are_appended_under_one_header(sweep, tmp_path):
+    import csv
+
+    module, _ = sweep
+    path = tmp_path / "results.csv"
+    module.append_rows(path, [{**_row("8", 0, 0.6), "extra": "dropped"}])
+    module.append_rows(path, [_row("8", 1, 0.64), _row("off", 0, 0.7)])
+    read = list(csv.DictReader(path.open()))
+    assert [r["seed"] for r in read] == ["0", "1", "0"] and list(read[0]) == module.FIELDS

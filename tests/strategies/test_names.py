@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from flwr.proto.node_pb2 import NodeInfo
 
 from fed_dp_lora.experiments.inprocess import InProcessGrid
@@ -45,3 +46,33 @@ def test_a_grid_without_registry_names_gives_node_ids():
     names = NodeNames()
     names.refresh(InProcessGrid({5: None}))  # Flower's Grid.get_nodes: ids only
     assert names.of(5) == "node-5" and names.table() == {}
+
+
+class LateGrid(RegistryGrid):
+    """Node 2 registers and connects while the strategy waits for min_available_nodes: the
+    first count of the nodes online sees node 1 alone."""
+
+    def __init__(self) -> None:
+        super().__init__({1: "bank-a", 2: "bank-b"})
+        self.online = [1]
+
+    def get_node_ids(self):
+        online, self.online = self.online, [1, 2]
+        return online
+
+    def get_nodes(self):
+        return [n for n in super().get_nodes() if n.node_id in self.online]
+
+
+@pytest.mark.usefixtures("task_identity")
+@pytest.mark.parametrize("strategy", ["fedavg", "dp-fedavg"])
+def test_a_node_that_connects_during_the_wait_is_asked_and_named(make_cfg, strategy):
+    from flwr.app import ArrayRecord, ConfigRecord
+
+    from fed_dp_lora.strategies import build_strategy
+
+    strat = build_strategy(make_cfg(f"strategy={strategy}", "strategy.min_available_clients=2"))
+    grid = LateGrid()
+    messages = list(strat.configure_train(1, ArrayRecord({}), ConfigRecord({}), grid))
+    assert sorted(m.metadata.dst_node_id for m in messages) == [1, 2]
+    assert strat.names.of(2) == "bank-b"
