@@ -17,7 +17,7 @@ from fed_dp_lora.data import holdout_split, label_names, load_table
 from fed_dp_lora.files import write_dir_atomic
 from fed_dp_lora.models import build_model, cache_dir, load_tokenizer, load_trainable_state, trainable_state
 from fed_dp_lora.probe import LinearProbe
-from fed_dp_lora.probe.features import cached_features
+from fed_dp_lora.probe.features import head_features
 from fed_dp_lora.training import Encoded, classification_metrics, encode, evaluate, majority_baseline, record_losses
 
 T = TypeVar("T")
@@ -86,7 +86,7 @@ class CentralEvaluator:
             self.length_info, self.length_warning = length_report(lengths, int(cfg.train.max_length))
         # The linear probe's head is evaluated on the test set's cached features (the server's own).
         self.test_features = (
-            self.model.joined(cached_features(self.model, self.test, cache_dir() / "features"), self.test.columns)
+            head_features(self.model, self.test, cache_dir() / "features")
             if isinstance(self.model, LinearProbe)
             else None
         )

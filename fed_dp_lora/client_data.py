@@ -29,7 +29,7 @@ from fed_dp_lora.files import write_atomic
 from fed_dp_lora.models import ModelSpec, build, cache_dir, load_tokenizer
 from fed_dp_lora.node_policy import NodePolicy, PolicyError
 from fed_dp_lora.probe import LinearProbe
-from fed_dp_lora.probe.features import cached_features
+from fed_dp_lora.probe.features import head_features
 from fed_dp_lora.training import Encoded, encode, plan_steps
 
 log = logging.getLogger(__name__)
@@ -210,4 +210,4 @@ def client_features(cfg: DictConfig, policy: NodePolicy, data: ClientData, model
     (partitions of a public data set)."""
     folder = Path(str(policy.state_dir)) if policy.deployment and policy.state_dir else cache_dir() / "features"
     assert isinstance(model, LinearProbe)  # only the probe's round asks for features
-    return model.joined(cached_features(model, data.encoded, folder, slots=data.records), data.encoded.columns)
+    return head_features(model, data.encoded, folder, slots=data.records)

@@ -26,7 +26,7 @@ from fed_dp_lora.audit.release import release_canaries
 from fed_dp_lora.client_data import ClientData, cached_model, client_data, client_features
 from fed_dp_lora.models import load_trainable_state, trainable_state
 from fed_dp_lora.node_policy import NodePolicy, PolicyError, apply_node_config, resolve_delta, simulation_state_dir
-from fed_dp_lora.privacy.engine import GradientEngine, PrivateGradientEngine
+from fed_dp_lora.privacy.engine import GradientEngine, PrivateGradientEngine, StepExtra
 from fed_dp_lora.privacy.institution_ledger import InstitutionLedger, Plan, Request
 from fed_dp_lora.privacy.ledger_store import InstitutionState, LedgerError, LedgerReceipt, reconcile, state_digest
 from fed_dp_lora.privacy.streams import StreamKey, institution_secret, model_seed, round_generators, simulation_secret
@@ -160,25 +160,45 @@ def _locked_round(
     data = client_data(cfg, policy)
     model = cached_model(cfg)
     load_trainable_state(model, request.global_state)
-    if cfg.train.method == "linear-probe":
-        return _probe_round(cfg, policy, request, store, ledger, data, model, digest, loaded)
-    plan = _plan(cfg, policy, data, ledger, study) if cfg.privacy.enabled else None
-    engine = _engine(cfg, model, data, plan, store, request, digest)
+    recipe = _probe_round if cfg.train.method == "linear-probe" else _lora_round
+    return recipe(cfg, policy, request, store, ledger, data, model, digest, loaded)
+
+
+def _lora_round(
+    cfg: DictConfig,
+    policy: NodePolicy,
+    request: RoundRequest,
+    store: InstitutionState | None,
+    ledger: InstitutionLedger,
+    data: ClientData,
+    model: torch.nn.Module,
+    digest: str,
+    loaded: float,
+) -> Released:
+    """DP-SGD on every trainable tensor of the model (LoRA factors and head), from the tokens."""
+    plan = _plan(cfg, policy, data, ledger, request.study or "") if cfg.privacy.enabled else None
+    device = next(p for p in model.parameters() if p.requires_grad).device
+    sampling, noise = _streams(cfg, data, store, request, digest, device)
+    rate, steps = data.plan(cfg)
+    # The release audit's canaries: records of the audited client only (its slot is its opt-in).
+    canaries = release_canaries(cfg, data.policy.partition, model, rate, sampling)
+    engine = _gradient_engine(cfg, model, rate * data.records, plan, noise, canaries)
     trained = time.perf_counter()
     try:
         stats = train_local(
             engine,
             data.encoded,
             cfg,
-            *data.plan(cfg),
+            rate,
+            steps,
             _class_weights(cfg, model),
-            generator=engine.sampling,
+            generator=sampling,
             slots=data.records,
         )
     finally:
         engine.detach()
     local = {**_timings(loaded, trained), **_round_facts(data, stats, engine)}
-    return _persist(store, ledger, plan, request, digest, trainable_state(model), data, data.plan(cfg)[0], stats, local)
+    return _persist(store, ledger, plan, request, digest, trainable_state(model), data, rate, stats, local)
 
 
 def _probe_round(
@@ -206,7 +226,7 @@ def _probe_round(
         centre = centring.compute(cfg, features, data.records, noise)
     head = centred_head(model.classifier, centre.mean)
     rate, steps = data.plan(cfg)
-    engine = _head_engine(cfg, head, rate * data.records, plan, noise)
+    engine = _gradient_engine(cfg, head, rate * data.records, plan, noise)
     trained = time.perf_counter()
     try:
         stats = train_head(
@@ -230,13 +250,20 @@ def _probe_round(
     return released
 
 
-def _head_engine(
-    cfg: DictConfig, head: torch.nn.Module, expected_batch: float, plan: Plan | None, noise: torch.Generator | None
+def _gradient_engine(
+    cfg: DictConfig,
+    module: torch.nn.Module,
+    expected_batch: float,
+    plan: Plan | None,
+    noise: torch.Generator | None,
+    extra: StepExtra | None = None,
 ) -> GradientEngine:
-    """DP-SGD on the probe's head (or the non-private baseline when privacy is off)."""
+    """DP-SGD at the plan's noise on every trainable tensor of `module` (LoRA's model or the
+    probe's head), or the non-private baseline when privacy is off (no plan)."""
     if plan is None:
-        return GradientEngine(head, expected_batch)
-    return PrivateGradientEngine(head, expected_batch, float(cfg.privacy.clip_norm), plan.terms.noise, generator=noise)
+        return GradientEngine(module, expected_batch, extra=extra)
+    clip = float(cfg.privacy.clip_norm)
+    return PrivateGradientEngine(module, expected_batch, clip, plan.terms.noise, generator=noise, extra=extra)
 
 
 def _plan(
@@ -261,31 +288,6 @@ def _plan(
             extra=extra,
         )
     )
-
-
-def _engine(
-    cfg: DictConfig,
-    model: torch.nn.Module,
-    data: ClientData,
-    plan: Plan | None,
-    store: InstitutionState | None,
-    request: RoundRequest,
-    digest: str,
-) -> GradientEngine:
-    """DP-SGD (or the non-private baseline) with this attempt's own random streams."""
-    device = next(p for p in model.parameters() if p.requires_grad).device
-    sampling, noise = _streams(cfg, data, store, request, digest, device)
-    rate, _ = data.plan(cfg)
-    # The release audit's canaries: records of the audited client only (its slot is its opt-in).
-    canaries = release_canaries(cfg, data.policy.partition, model, rate, sampling)
-    if plan is None:
-        engine: GradientEngine = GradientEngine(model, rate * data.records, extra=canaries)
-    else:
-        engine = PrivateGradientEngine(
-            model, rate * data.records, float(cfg.privacy.clip_norm), plan.terms.noise, generator=noise, extra=canaries
-        )
-    engine.sampling = sampling
-    return engine
 
 
 def _streams(

@@ -310,6 +310,7 @@ def markdown() -> str:
         "labels": "--labels",
         "text-column": "--text-column",
         "label-column": "--label-column",
+        "feature-columns": "--feature-columns",
         "allow-non-private": "--allow-non-private",
         "name": "--name",
         "batch-size": "--batch-size",

@@ -27,7 +27,8 @@ def check(
     feature_columns: Sequence[str] = (),
 ) -> str:
     """A one-line summary of the file; DataError (with the fix) if it cannot serve this node."""
-    absent = [c for c in feature_columns if c not in read_file(data).columns]
+    raw = read_file(data)  # once: an institution's file may be large
+    absent = [c for c in feature_columns if c not in raw.columns]
     if absent:
         raise DataError(
             f"data file {data} has no column(s) {absent} that --feature-columns allows. "
@@ -37,7 +38,7 @@ def check(
     if labels:
         overrides.append(f"data.labels=[{','.join(labels)}]")
     cfg = compose_config(overrides)
-    table = standardize(read_file(data), cfg, f"data file {data}") if labels else read_file(data)
+    table = standardize(raw, cfg, f"data file {data}") if labels else raw
     if not labels and text_column not in table.columns:
         raise DataError(f"data file {data} has no column {text_column!r}. Fix: pass --text-column")
     usable = len(table)

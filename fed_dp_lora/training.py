@@ -229,12 +229,9 @@ def train_local(
     len(data) (no padding)."""
     model = engine.module
     device = engine.params[0].device
-    if generator is None:
-        generator = torch.Generator().manual_seed(secrets.randbits(63))
     slots = len(data) if slots is None else slots
     if slots < len(data):
         raise ValueError(f"{len(data)} records in {slots} slots: every record needs a slot")
-    optimizer = make_optimizer(engine.params, cfg)
     model.train()
     # Class weights act per record, scaled into (0, 1]: on the clipped gradient under DP (see
     # PrivateGradientEngine.backward), on the loss without DP.
@@ -245,7 +242,7 @@ def train_local(
     micro = slots if cfg.train.micro_batch_size is None else int(cfg.train.micro_batch_size)
     return poisson_steps(
         engine,
-        optimizer,
+        cfg,
         slots,
         sample_rate,
         steps,
@@ -256,17 +253,21 @@ def train_local(
 
 def poisson_steps(
     engine: GradientEngine,
-    optimizer: torch.optim.Optimizer,
+    cfg: DictConfig,
     slots: int,
     sample_rate: float,
     steps: int,
-    generator: torch.Generator,
+    generator: torch.Generator | None,
     backward: Callable[[torch.Tensor], tuple[int, float]],
 ) -> TrainStats:
     """The DP-SGD step loop of every recipe: each step a Poisson batch over `slots` public
     slots; `backward(index)` accumulates per-record gradients and returns (records, their summed
     loss); the engine clips, noises and normalises once per step (an empty batch is a noise-only
-    step)."""
+    step). Without a generator the batches come from OS entropy, never from torch's global
+    generator (model loading seeds that with a public seed)."""
+    if generator is None:
+        generator = torch.Generator().manual_seed(secrets.randbits(63))
+    optimizer = make_optimizer(engine.params, cfg)
     stats = TrainStats(steps, 0, 0, 0, 0.0)
     loss_sum = 0.0
     for _ in range(steps):

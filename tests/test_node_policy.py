@@ -111,3 +111,18 @@ def test_the_head_reads_only_the_table_columns_the_node_allows(tmp_path):
     apply_node_config(age_only, deployment(tmp_path, **{"feature-columns": "Age"}))
     text_only = "data.columns.numeric=[]", "data.columns.categorical=[]"
     apply_node_config(compose_config(list(text_only)), deployment(tmp_path))
+
+
+def test_the_key_table_names_the_supernode_flag_of_every_key_the_launcher_sets():
+    """docs/privacy.md's node-config table is generated, but its flag column is a hand-kept map."""
+    import re
+
+    from fed_dp_lora.node_policy import NODE_KEYS, markdown
+
+    script = (Path(__file__).resolve().parents[1] / "scripts" / "deploy" / "supernode.sh").read_text()
+    flags = set(re.findall(r"^\s*--([a-z-]+)\)", script, re.MULTILINE))
+    launched = {key: "data" if key == "data-path" else key for key in NODE_KEYS}
+    launched = {key: flag for key, flag in launched.items() if flag in flags}
+    assert {"data-path", "epsilon", "feature-columns"} <= set(launched)
+    table = markdown()
+    assert all(f"| `{key}` | `--{flag}` |" in table for key, flag in launched.items())

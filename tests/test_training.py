@@ -501,3 +501,23 @@ def test_bf16_autocast_only_on_a_cuda_device_that_supports_it(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
     ctx = compute_precision(torch.device("cuda"))
     assert isinstance(ctx, torch.autocast) and ctx.fast_dtype == torch.bfloat16
+
+
+def test_without_a_generator_the_batches_do_not_come_from_torchs_global_generator():
+    """Model loading seeds torch's global generator with a public seed: the server could replay
+    batches drawn from it. Both recipes' step loop (poisson_steps) draws from OS entropy instead."""
+    from fed_dp_lora.training import poisson_steps
+
+    runs = []
+    for _ in range(2):
+        drawn: list[list[int]] = []
+
+        def backward(index: torch.Tensor) -> tuple[int, float]:
+            drawn.append(index.tolist())
+            return len(index), 0.0
+
+        torch.manual_seed(0)
+        stats = poisson_steps(GradientEngine(torch.nn.Linear(2, 2), 32.0), _cfg(), 64, 0.5, 3, None, backward)
+        assert stats.steps == 3 and stats.rows == sum(len(d) for d in drawn)
+        runs.append(drawn)
+    assert runs[0] != runs[1]  # the same public seed, other batches (equal by chance: 2^-192)

@@ -183,7 +183,7 @@ def standardize(table: pd.DataFrame, cfg: DictConfig, origin: str) -> pd.DataFra
             f"{list(table.columns)}. Fix: remove them from data.columns or add them to the file"
         )
     extra = [d.partition_column] if d.partition_column in table.columns else []
-    keep = list(columns) + [c for c in extra + wanted if c not in columns]
+    keep = list(dict.fromkeys([*columns, *extra, *wanted]))  # a column named twice would be kept twice
     dropped = dict(table.attrs.get("dropped", {}))
     out = table[keep].rename(columns=columns)
     complete = out.dropna(subset=list(columns.values()))

@@ -68,7 +68,6 @@ class GradientEngine:
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.expected_batch_size = expected_batch_size
         self.extra = extra
-        self.sampling: torch.Generator | None = None  # the round's batch-sampling stream (client_round)
 
     def verify_coverage(self, per_sample_losses: torch.Tensor) -> None:
         """Nothing to verify: non-private gradients need no per-record coverage."""

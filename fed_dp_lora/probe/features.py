@@ -71,3 +71,9 @@ def cached_features(model: LinearProbe, data: Encoded, directory: Path, slots: i
     if not keys:
         return torch.zeros(0, model.hidden)
     return torch.stack([known[k] for k in keys])
+
+
+def head_features(model: LinearProbe, data: Encoded, directory: Path, slots: int | None = None) -> torch.Tensor:
+    """What the head reads for every record of `data`: its cached encoder features, then its
+    column features when the head reads any (data.columns)."""
+    return model.joined(cached_features(model, data, directory, slots), data.columns)

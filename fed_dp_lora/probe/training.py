@@ -3,14 +3,12 @@ clipping, class weights and noise as training.train_local, without the encoder's
 
 from __future__ import annotations
 
-import secrets
-
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
 
 from fed_dp_lora.privacy.engine import GradientEngine
-from fed_dp_lora.training import TrainStats, make_optimizer, poisson_steps
+from fed_dp_lora.training import TrainStats, poisson_steps
 
 
 def padded(features: torch.Tensor, labels: torch.Tensor, slots: int) -> tuple[torch.Tensor, ...]:
@@ -37,12 +35,9 @@ def train_head(
     """`steps` Poisson steps over `slots` slots; engine.module is the (centred) head."""
     head = engine.module
     device = engine.params[0].device
-    if generator is None:
-        generator = torch.Generator().manual_seed(secrets.randbits(63))
     x, y, real = padded(features, labels, len(features) if slots is None else slots)
     x, y = x.to(device), y.to(device)
     record_weights = None if class_weights is None else (class_weights / class_weights.max()).to(device)
-    optimizer = make_optimizer(engine.params, cfg)
     if engine.private:
         engine.verify_coverage(F.cross_entropy(head(x[:2]), y[:2], reduction="none"))
 
@@ -57,4 +52,4 @@ def train_head(
         engine.backward(losses, weights)
         return int(mine.sum()), float(losses.detach()[mine.to(device)].sum())
 
-    return poisson_steps(engine, optimizer, len(real), sample_rate, steps, generator, backward)
+    return poisson_steps(engine, cfg, len(real), sample_rate, steps, generator, backward)

@@ -90,3 +90,22 @@ def test_the_deployment_helpers_allow_exactly_what_the_default_run_reads():
     root = Path(__file__).resolve().parents[2] / "containers"
     for manifest in (root / "compose.yaml", root / "kubernetes" / "institutions.yaml"):
         assert manifest.read_text().count(CREDIT_COLUMNS) == 3, manifest
+
+
+def test_a_partition_column_the_head_also_reads_is_kept_once():
+    """data.partition_column may name a declared column: one column, and one feature per level."""
+    cfg = compose_config(
+        [
+            "data=file",
+            "data.path=x.csv",
+            "data.labels=[good,bad]",
+            "data.partition_column=Home",
+            "data.columns.numeric=[]",
+            "data.columns.categorical=['Home=rent|owner']",
+        ]
+    )
+    table = pd.DataFrame({"text": ["a", "b", "c"], "label": ["good", "bad", "good"], "Home": ["rent", "owner", "x"]})
+    kept = standardize(table, cfg, "data file x.csv")
+    assert list(kept.columns) == ["text", "label", "Home"]
+    x = column_features(kept, declared(cfg))
+    assert x is not None and torch.equal(x, torch.tensor([[0.25, 0.0], [0.0, 0.25], [0.0, 0.0]]))
